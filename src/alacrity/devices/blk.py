@@ -1,12 +1,42 @@
-"""virtio-blk over a raw image file."""
+"""virtio-blk over a raw image file.
+
+The device may touch: its image file, the buffers of the chains it is given
+(already bounds-checked views), and its own counters. Every sector range from
+the guest is checked against the capacity before the file is touched.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import logging
 import os
+import struct
+import threading
 from typing import Any
 
 from alacrity.devices.base import Attribute, Device, Session, parse_bool, parse_size, parse_text
-from alacrity.errors import invalid
+from alacrity.errors import AdminError, busy, invalid
+from alacrity.virtio import blk as vb
+from alacrity.virtio.device_queue import Chain, DeviceQueue
+from alacrity.virtio.features import bit
+from alacrity.virtio.ring import QueueError
+
+log = logging.getLogger("alacrity.devices.blk")
+
+QUEUE_SIZE = 256
+IOV_MAX = 1024
+_FALLOC_KEEP_SIZE = 0x01
+_FALLOC_PUNCH_HOLE = 0x02
+_FALLOC_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _parse_path(text: str) -> str:
@@ -14,6 +44,36 @@ def _parse_path(text: str) -> str:
     if path and not os.path.isabs(path):
         raise ValueError(f"path must be absolute, got {path!r}")
     return path
+
+
+def split(views: list[memoryview], nbytes: int) -> tuple[list[memoryview], list[memoryview]]:
+    """Cut a buffer list after `nbytes`: (the first nbytes, the rest)."""
+    head: list[memoryview] = []
+    for i, view in enumerate(views):
+        if nbytes <= 0:
+            return head, views[i:]
+        if len(view) <= nbytes:
+            head.append(view)
+            nbytes -= len(view)
+        else:
+            head.append(view[:nbytes])
+            return head, [view[nbytes:], *views[i + 1 :]]
+    return head, []
+
+
+def _transfer(op: Any, fd: int, views: list[memoryview], offset: int) -> int:
+    """preadv/pwritev the whole buffer list, resuming after short transfers."""
+    total = 0
+    views = [v for v in views if len(v)]
+    while views:
+        batch = views[:IOV_MAX]
+        done = op(fd, batch, offset)
+        if done <= 0:
+            raise OSError(errno.EIO, "short transfer at end of image")
+        total += done
+        offset += done
+        _, views = split(views, done)
+    return total
 
 
 class BlkDevice(Device):
@@ -27,9 +87,203 @@ class BlkDevice(Device):
         Attribute("serial", parse_text(20), "", "ID string returned by GET_ID (default: name)"),
     )
 
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        for counter in ("reads", "writes", "flushes", "discards", "bytes_read", "bytes_written"):
+            self.counters[counter] = 0
+        self.counters["io_errors"] = 0
+        self.sessions: dict[BlkSession, int] = {}
+
     def check(self, name: str, value: Any) -> None:
         if name == "size" and value <= 0:
             raise invalid(f"{self.name}/size must be positive")
+        if name == "path" and value and not os.path.isdir(os.path.dirname(value)):
+            raise invalid(f"{self.name}/path: directory {os.path.dirname(value)} does not exist")
 
     def open(self, peer_pid: int) -> Session:
-        raise NotImplementedError
+        if not self.values["path"]:
+            raise invalid(
+                f"device {self.name} has no path: echo /path/to/disk.img > devices/{self.name}/path"
+            )
+        with self.lock:
+            writable = not self.values["readonly"]
+            if writable and not self.values["shared"]:
+                others = [pid for pid in self.sessions.values() if pid != peer_pid]
+                if others:
+                    raise busy(
+                        f"disk {self.name} is already open for writing by pid {others[0]}"
+                        " (set shared to 1 to allow several writers)"
+                    )
+            session = BlkSession(self, self._open_image(writable), peer_pid)
+            self.sessions[session] = peer_pid
+            self.counters["connections"] = len(self.sessions)
+        return session
+
+    def _open_image(self, writable: bool) -> int:
+        path = self.values["path"]
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, self.values["size"])  # sparse
+            log.info(
+                "%s: created sparse image %s of %d bytes", self.name, path, self.values["size"]
+            )
+        except OSError as exc:
+            raise AdminError(
+                exc.errno or errno.EIO, f"{self.name}: cannot open {path}: {exc.strerror}"
+            ) from None
+        return fd
+
+    def release(self, session: Session) -> None:
+        with self.lock:
+            self.sessions.pop(session, None)  # type: ignore[call-overload]
+            self.counters["connections"] = len(self.sessions)
+
+
+class BlkSession(Session):
+    num_queues = 1
+    max_queue_size = 1024
+
+    def __init__(self, device: BlkDevice, fd: int, peer_pid: int) -> None:
+        self.device = device
+        self.fd = fd
+        self.peer_pid = peer_pid
+        self.readonly = device.values["readonly"]
+        self.serial = (device.values["serial"] or device.name).encode()[: vb.ID_BYTES]
+        self.capacity = os.fstat(fd).st_size // vb.SECTOR
+        self.device_features = (
+            bit(vb.F_SEG_MAX)
+            | bit(vb.F_BLK_SIZE)
+            | bit(vb.F_FLUSH)
+            | (bit(vb.F_RO) if self.readonly else bit(vb.F_DISCARD) | bit(vb.F_WRITE_ZEROES))
+        )
+        self.closed = threading.Event()
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    # -- call(): control
+    def call(self, func: str, data: bytes) -> bytes:
+        if func == "get_config":
+            offset, size = struct.unpack("<II", data)
+            return self._config()[offset : offset + size]
+        # set_features needs nothing; set_config (the writeback byte) is not offered.
+        return b""
+
+    def _config(self) -> bytes:
+        limit = 1 << 22  # sectors per discard / write-zeroes request (2 GiB)
+        return vb.CONFIG.pack(
+            self.capacity,
+            0,
+            QUEUE_SIZE - 2,
+            0,
+            0,
+            0,
+            vb.SECTOR,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1,
+            limit,
+            1,
+            8,
+            limit,
+            1,
+            0,
+        )
+
+    # -- shm(): rings
+    def process(self, index: int, queue: DeviceQueue) -> int:
+        done = 0
+        while done < queue.size:
+            chain = queue.pop()
+            if chain is None:
+                break
+            queue.push(chain.head, self._execute(chain))
+            done += 1
+        return done
+
+    def _execute(self, chain: Chain) -> int:
+        """Run one request; returns the bytes written into the chain."""
+        header, data_out = split(chain.readable, vb.REQUEST_HEADER.size)
+        raw = b"".join(bytes(v) for v in header)
+        if len(raw) < vb.REQUEST_HEADER.size:
+            raise QueueError("virtio-blk request header shorter than 16 bytes")
+        if not chain.writable or not len(chain.writable[-1]):
+            raise QueueError("virtio-blk request without a status byte")
+        kind, _, sector = vb.REQUEST_HEADER.unpack(raw)
+        data_in, status_view = split(chain.writable, chain.writable_len() - 1)
+        try:
+            status, written = self._dispatch(kind, sector, data_out, data_in)
+        except OSError as exc:
+            log.warning("%s: I/O error: %s", self.device.name, exc)
+            self.device.count("io_errors")
+            status, written = vb.S_IOERR, 0
+        status_view[0][0] = status
+        return written + 1
+
+    def _range_ok(self, sector: int, nbytes: int) -> bool:
+        return nbytes % vb.SECTOR == 0 and sector + nbytes // vb.SECTOR <= self.capacity
+
+    def _dispatch(
+        self, kind: int, sector: int, data_out: list[memoryview], data_in: list[memoryview]
+    ) -> tuple[int, int]:
+        device = self.device
+        if kind == vb.T_IN:
+            nbytes = sum(len(v) for v in data_in)
+            if not self._range_ok(sector, nbytes):
+                return vb.S_IOERR, 0
+            _transfer(os.preadv, self.fd, data_in, sector * vb.SECTOR)
+            device.count("reads")
+            device.count("bytes_read", nbytes)
+            return vb.S_OK, nbytes
+        if kind == vb.T_OUT:
+            nbytes = sum(len(v) for v in data_out)
+            if self.readonly or not self._range_ok(sector, nbytes):
+                return vb.S_IOERR, 0
+            _transfer(os.pwritev, self.fd, data_out, sector * vb.SECTOR)
+            device.count("writes")
+            device.count("bytes_written", nbytes)
+            return vb.S_OK, 0
+        if kind == vb.T_FLUSH:
+            if not self.readonly:
+                os.fdatasync(self.fd)
+            device.count("flushes")
+            return vb.S_OK, 0
+        if kind == vb.T_GET_ID:
+            ident = self.serial.ljust(vb.ID_BYTES, b"\0")
+            written = 0
+            for view in data_in:
+                chunk = ident[written : written + len(view)]
+                view[: len(chunk)] = chunk
+                written += len(chunk)
+            return vb.S_OK, written
+        if kind in (vb.T_DISCARD, vb.T_WRITE_ZEROES):
+            return self._zero(kind, b"".join(bytes(v) for v in data_out)), 0
+        return vb.S_UNSUPP, 0
+
+    def _zero(self, kind: int, segments: bytes) -> int:
+        if self.readonly or not segments or len(segments) % vb.SEGMENT.size:
+            return vb.S_IOERR
+        for offset in range(0, len(segments), vb.SEGMENT.size):
+            sector, count, _flags = vb.SEGMENT.unpack_from(segments, offset)
+            if not self._range_ok(sector, count * vb.SECTOR):
+                return vb.S_IOERR
+            mode = (
+                _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE
+                if kind == vb.T_DISCARD
+                else _FALLOC_ZERO_RANGE
+            )
+            _fallocate(self.fd, mode, sector * vb.SECTOR, count * vb.SECTOR)
+        self.device.count("discards")
+        return vb.S_OK
+
+    def close(self) -> None:
+        if not self.closed.is_set():
+            self.closed.set()
+            os.close(self.fd)
+            self.device.release(self)

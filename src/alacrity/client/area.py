@@ -1,0 +1,32 @@
+"""Shared memory a host process hands to a backend: a memfd, mapped here,
+offered to the backend as one region at guest-physical address 0."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+
+
+class SharedArea:
+    def __init__(self, size: int, name: str = "alacrity-client") -> None:
+        size = (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+        self.size = size
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self.map)
+        # Backends translate ring addresses in our address space: tell them the real one.
+        self.uva = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+
+    def region(self) -> tuple[int, int, int, int]:
+        """(guest_phys_addr, size, userspace_addr, mmap_offset) for SET_MEM_TABLE."""
+        return (0, self.size, self.uva, 0)
+
+    def close(self) -> None:
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a view is still exported; the mapping goes with it
+        os.close(self.fd)

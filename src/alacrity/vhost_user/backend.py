@@ -1,0 +1,342 @@
+"""The vhost-user backend protocol for one connection, as a state machine.
+
+`Backend.handle(message)` validates the message, updates the state and returns
+the reply bytes (or None). Ring starts and stops are left in `actions` for the
+connection edge, which owns the threads and sockets. Device behaviour comes
+from the `Session` (devices/base.py): `call()` for control, `shm()` and
+`process()` for rings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+from alacrity.devices.base import Session
+from alacrity.vhost_user.memory import MemoryTable
+from alacrity.vhost_user.messages import (
+    CONFIG_HEADER,
+    F_PROTOCOL_FEATURES,
+    MAX_REGIONS,
+    MEM_HEADER,
+    MEM_REGION,
+    U64,
+    VRING_ADDR,
+    VRING_INDEX_MASK,
+    VRING_NOFD_MASK,
+    VRING_STATE,
+    Message,
+    ProtocolError,
+    ProtocolFeature,
+    Req,
+    encode,
+    unpack_exact,
+)
+from alacrity.virtio.device_queue import DeviceQueue
+from alacrity.virtio.features import F_VERSION_1, RING_F_EVENT_IDX, bit, has
+from alacrity.virtio.ring import (
+    QueueError,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+    valid_size,
+)
+
+log = logging.getLogger("alacrity.vhost_user")
+
+TRANSPORT_FEATURES = bit(F_VERSION_1) | bit(RING_F_EVENT_IDX) | bit(F_PROTOCOL_FEATURES)
+PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+)
+MAX_CONFIG = 256
+
+
+@dataclass
+class Vring:
+    index: int
+    num: int = 0
+    addrs: tuple[int, int, int] | None = None  # desc, used, avail (user addresses)
+    base: int = 0
+    kick: int | None = None
+    call: int | None = None
+    err: int | None = None
+    enabled: bool = False
+    queue: DeviceQueue | None = None
+
+
+@dataclass
+class Action:
+    """Work for the edge: "start" or "stop" ring `index`; `closing` are fds it may close
+    once that ring's worker has gone."""
+
+    kind: str
+    index: int
+    closing: tuple[int, ...] = ()
+
+
+class Backend:
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.features = 0
+        self.protocol_features = 0
+        self.owned = False
+        self.memory: MemoryTable | None = None
+        self.vrings = [Vring(i) for i in range(session.num_queues)]
+        self.actions: list[Action] = []
+
+    # -- helpers
+    @property
+    def offered_features(self) -> int:
+        return self.session.device_features | TRANSPORT_FEATURES
+
+    def _vring(self, index: int) -> Vring:
+        if index >= len(self.vrings):
+            raise ProtocolError(f"ring {index} does not exist (device has {len(self.vrings)})")
+        return self.vrings[index]
+
+    def _protocol(self, feature: ProtocolFeature) -> bool:
+        return has(self.protocol_features, feature)
+
+    def _take_fd(self, msg: Message) -> tuple[int, int | None]:
+        """Ring index and fd of a KICK/CALL/ERR message; the fd is ours from now on."""
+        word = msg.u64()
+        index = word & VRING_INDEX_MASK
+        if word & VRING_NOFD_MASK:
+            if msg.fds:
+                raise ProtocolError("ring fd message says 'no fd' but carries one")
+            return index, None
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"ring fd message carries {len(msg.fds)} fds, expected 1")
+        return index, msg.fds.pop()
+
+    # -- the state machine
+    def handle(self, msg: Message) -> bytes | None:
+        try:
+            request = Req(msg.request)
+        except ValueError:
+            request = None
+        handler = _HANDLERS.get(request) if request is not None else None
+        if handler is None:
+            if msg.need_reply and self._protocol(ProtocolFeature.REPLY_ACK):
+                log.warning("unsupported vhost-user request %s: answered failure", msg.request)
+                return encode(msg.request, U64.pack(1), reply=True)
+            raise ProtocolError(f"unsupported vhost-user request {msg.request}")
+        reply = handler(self, msg)
+        if reply is not None:
+            return encode(msg.request, reply, reply=True)
+        if msg.need_reply and self._protocol(ProtocolFeature.REPLY_ACK):
+            return encode(msg.request, U64.pack(0), reply=True)
+        return None
+
+    def _get_features(self, msg: Message) -> bytes:
+        return U64.pack(self.offered_features)
+
+    def _set_features(self, msg: Message) -> None:
+        features = msg.u64()
+        if features & ~self.offered_features:
+            raise ProtocolError(f"features {features & ~self.offered_features:#x} were not offered")
+        self.features = features
+        self.session.call("set_features", U64.pack(features))
+
+    def _get_protocol_features(self, msg: Message) -> bytes:
+        return U64.pack(PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        features = msg.u64()
+        if features & ~PROTOCOL_FEATURES:
+            raise ProtocolError(f"protocol features {features & ~PROTOCOL_FEATURES:#x} not offered")
+        self.protocol_features = features
+
+    def _get_queue_num(self, msg: Message) -> bytes:
+        return U64.pack(len(self.vrings))
+
+    def _set_owner(self, msg: Message) -> None:
+        self.owned = True
+
+    def _reset_owner(self, msg: Message) -> None:
+        for vring in self.vrings:
+            self._stop(vring)
+        self.owned = False
+
+    def _set_mem_table(self, msg: Message) -> None:
+        nregions, _ = unpack_exact(MEM_HEADER, msg.payload, msg.request)
+        if not 0 < nregions <= MAX_REGIONS:
+            raise ProtocolError(f"memory table with {nregions} regions (1 to {MAX_REGIONS})")
+        need = MEM_HEADER.size + nregions * MEM_REGION.size
+        if len(msg.payload) < need:
+            raise ProtocolError(f"memory table payload of {len(msg.payload)} bytes, need {need}")
+        layout = [
+            MEM_REGION.unpack_from(msg.payload, MEM_HEADER.size + i * MEM_REGION.size)
+            for i in range(nregions)
+        ]
+        fds, msg.fds = msg.fds, []
+        try:
+            table = MemoryTable.map(layout, fds)
+        except (ValueError, OSError) as exc:
+            raise ProtocolError(f"bad memory table: {exc}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)  # the mappings keep the memory
+        old, self.memory = self.memory, table
+        # Running rings follow the new table (memory hot-plug, or a re-sent table).
+        for vring in self.vrings:
+            if vring.queue is not None:
+                vring.queue = self._make_queue(vring, vring.queue.last_avail)
+        if old is not None:
+            old.release()
+
+    def _set_vring_num(self, msg: Message) -> None:
+        index, num = unpack_exact(VRING_STATE, msg.payload, msg.request)
+        vring = self._vring(index)
+        if not valid_size(num) or num > self.session.max_queue_size:
+            raise ProtocolError(
+                f"ring {index}: size {num} (power of two up to {self.session.max_queue_size})"
+            )
+        vring.num = num
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        index, _flags, desc, used, avail, _log = unpack_exact(VRING_ADDR, msg.payload, msg.request)
+        vring = self._vring(index)
+        if desc % 16 or used % 4 or avail % 2:
+            raise ProtocolError(f"ring {index}: misaligned ring addresses")
+        vring.addrs = (desc, used, avail)
+
+    def _set_vring_base(self, msg: Message) -> None:
+        index, num = unpack_exact(VRING_STATE, msg.payload, msg.request)
+        vring = self._vring(index)
+        if num > 0xFFFF:
+            raise ProtocolError(f"ring {index}: base {num} beyond 16 bits")
+        vring.base = num
+
+    def _get_vring_base(self, msg: Message) -> bytes:
+        index, _ = unpack_exact(VRING_STATE, msg.payload, msg.request)
+        vring = self._vring(index)
+        base = vring.queue.last_avail if vring.queue is not None else vring.base
+        self._stop(vring)
+        vring.base = base
+        return VRING_STATE.pack(index, base)
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        index, fd = self._take_fd(msg)
+        vring = self._vring(index)
+        if fd is None:
+            raise ProtocolError(f"ring {index}: polling mode (no kick fd) is not supported")
+        if vring.queue is not None:
+            self._stop(vring)
+        if vring.kick is not None:
+            self.actions.append(Action("close", index, (vring.kick,)))
+        vring.kick = fd
+        if not self._protocol_negotiated():
+            vring.enabled = True
+        self._start(vring)
+
+    def _set_vring_call(self, msg: Message) -> None:
+        index, fd = self._take_fd(msg)
+        vring = self._vring(index)
+        # The worker reads `call` at each signal, so swapping it is safe under the edge's lock.
+        old, vring.call = vring.call, fd
+        if old is not None:
+            self.actions.append(Action("close", index, (old,)))
+
+    def _set_vring_err(self, msg: Message) -> None:
+        index, fd = self._take_fd(msg)
+        vring = self._vring(index)
+        old, vring.err = vring.err, fd
+        if old is not None:
+            self.actions.append(Action("close", index, (old,)))
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        index, enable = unpack_exact(VRING_STATE, msg.payload, msg.request)
+        vring = self._vring(index)
+        vring.enabled = bool(enable)
+        if vring.enabled:
+            self._start(vring)
+        else:
+            base = vring.queue.last_avail if vring.queue is not None else vring.base
+            self._stop(vring)
+            vring.base = base
+
+    def _get_config(self, msg: Message) -> bytes:
+        offset, size, flags = unpack_exact(CONFIG_HEADER, msg.payload, msg.request)
+        if size > MAX_CONFIG or offset > MAX_CONFIG:
+            raise ProtocolError(f"config read of {size} bytes at {offset}")
+        data = self.session.call("get_config", struct.pack("<II", offset, size))
+        return CONFIG_HEADER.pack(offset, size, flags) + data[:size].ljust(size, b"\0")
+
+    def _set_config(self, msg: Message) -> None:
+        offset, size, _flags = unpack_exact(CONFIG_HEADER, msg.payload, msg.request)
+        data = msg.payload[CONFIG_HEADER.size : CONFIG_HEADER.size + size]
+        if size > MAX_CONFIG or len(data) != size:
+            raise ProtocolError(f"config write of {size} bytes with {len(data)} given")
+        self.session.call("set_config", struct.pack("<I", offset) + data)
+
+    # -- ring life cycle
+    def _protocol_negotiated(self) -> bool:
+        return has(self.features, F_PROTOCOL_FEATURES)
+
+    def _make_queue(self, vring: Vring, last_avail: int) -> DeviceQueue:
+        assert self.memory is not None and vring.addrs is not None
+        desc, used, avail = vring.addrs
+        num = vring.num
+        try:
+            return DeviceQueue(
+                self.memory,
+                num,
+                self.memory.uva(desc, desc_table_size(num)),
+                self.memory.uva(avail, avail_ring_size(num)),
+                self.memory.uva(used, used_ring_size(num)),
+                event_idx=has(self.features, RING_F_EVENT_IDX),
+                last_avail=last_avail,
+            )
+        except QueueError as exc:
+            raise ProtocolError(f"ring {vring.index}: {exc}") from None
+
+    def _start(self, vring: Vring) -> None:
+        if vring.queue is not None or not vring.enabled or vring.kick is None:
+            return
+        if self.memory is None or vring.addrs is None or not vring.num:
+            raise ProtocolError(f"ring {vring.index} started before memory, size and addresses")
+        vring.queue = self._make_queue(vring, vring.base)
+        self.session.shm(vring.index, vring.queue)
+        self.actions.append(Action("start", vring.index))
+
+    def _stop(self, vring: Vring) -> None:
+        if vring.queue is not None:
+            vring.queue = None
+            self.actions.append(Action("stop", vring.index))
+
+    def close(self) -> list[int]:
+        """The connection ended: every fd still held, for the edge to close."""
+        fds = []
+        for vring in self.vrings:
+            self._stop(vring)
+            fds += [fd for fd in (vring.kick, vring.call, vring.err) if fd is not None]
+            vring.kick = vring.call = vring.err = None
+        if self.memory is not None:
+            self.memory.release()
+            self.memory = None
+        return fds
+
+
+_HANDLERS = {
+    Req.GET_FEATURES: Backend._get_features,
+    Req.SET_FEATURES: Backend._set_features,
+    Req.GET_PROTOCOL_FEATURES: Backend._get_protocol_features,
+    Req.SET_PROTOCOL_FEATURES: Backend._set_protocol_features,
+    Req.GET_QUEUE_NUM: Backend._get_queue_num,
+    Req.SET_OWNER: Backend._set_owner,
+    Req.RESET_OWNER: Backend._reset_owner,
+    Req.SET_MEM_TABLE: Backend._set_mem_table,
+    Req.SET_VRING_NUM: Backend._set_vring_num,
+    Req.SET_VRING_ADDR: Backend._set_vring_addr,
+    Req.SET_VRING_BASE: Backend._set_vring_base,
+    Req.GET_VRING_BASE: Backend._get_vring_base,
+    Req.SET_VRING_KICK: Backend._set_vring_kick,
+    Req.SET_VRING_CALL: Backend._set_vring_call,
+    Req.SET_VRING_ERR: Backend._set_vring_err,
+    Req.SET_VRING_ENABLE: Backend._set_vring_enable,
+    Req.GET_CONFIG: Backend._get_config,
+    Req.SET_CONFIG: Backend._set_config,
+}

@@ -1,0 +1,190 @@
+"""The edge of a vhost-user backend connection: the socket, and one worker thread per ring.
+
+The protocol logic is in backend.py; here we read messages, apply the backend's
+actions, and service rings: busy-poll for a short budget after work, then
+re-enable notifications, re-check, and sleep on the kick eventfd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from alacrity.devices.base import Session
+from alacrity.vhost_user.backend import Action, Backend
+from alacrity.vhost_user.messages import MAX_FDS, Framer, ProtocolError
+from alacrity.virtio.ring import QueueError
+
+log = logging.getLogger("alacrity.vhost_user")
+
+#: How long a ring worker keeps polling after its last request before it sleeps.
+POLL_BUDGET_S = 50e-6
+
+
+class Connection:
+    """Serves one vhost-user connection until the peer leaves or breaks the rules."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        session: Session,
+        label: str,
+        on_error: Callable[[str], None] = lambda reason: None,
+        poll_budget_s: float = POLL_BUDGET_S,
+    ) -> None:
+        self.sock = sock
+        self.session = session
+        self.label = label
+        self.on_error = on_error
+        self.poll_budget_s = poll_budget_s
+        self.backend = Backend(session)
+        self.lock = threading.Lock()
+        self.workers: dict[int, RingWorker] = {}
+        self.closed = threading.Event()
+        self.kicks = 0
+        self.calls = 0
+
+    def serve(self) -> None:
+        framer = Framer()
+        try:
+            while True:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, framer.pending(), MAX_FDS)
+                if not data:
+                    for fd in fds:
+                        os.close(fd)
+                    log.info("%s: peer closed the connection", self.label)
+                    return
+                for msg in framer.feed(data, fds):
+                    with self.lock:
+                        try:
+                            reply = self.backend.handle(msg)
+                        finally:
+                            for fd in msg.fds:  # fds a message carried but did not need
+                                os.close(fd)
+                            actions, self.backend.actions = self.backend.actions, []
+                    self._apply(actions)
+                    if reply is not None:
+                        self.sock.sendall(reply)
+        except ProtocolError as exc:
+            self.fail(f"protocol error: {exc}")
+        except OSError as exc:
+            if not self.closed.is_set():
+                log.info("%s: connection lost: %s", self.label, exc)
+        finally:
+            self.close()
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if action.kind == "start":
+                self._stop_worker(action.index)
+                worker = RingWorker(self, action.index)
+                self.workers[action.index] = worker
+                worker.start()
+            elif action.kind == "stop":
+                self._stop_worker(action.index)
+            for fd in action.closing:
+                os.close(fd)
+
+    def _stop_worker(self, index: int) -> None:
+        worker = self.workers.pop(index, None)
+        if worker is not None:
+            worker.stop()
+
+    def fail(self, reason: str) -> None:
+        """Break this connection (and only it), with a logged reason."""
+        log.warning("%s: closing connection: %s", self.label, reason)
+        self.on_error(reason)
+        for vring in self.backend.vrings:
+            if vring.err is not None:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(vring.err, 1)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for index in list(self.workers):
+            self._stop_worker(index)
+        with self.lock:
+            fds = self.backend.close()
+        for fd in fds:
+            os.close(fd)
+        self.session.close()
+        self.sock.close()
+
+
+class RingWorker(threading.Thread):
+    """Services one ring: adaptive polling, then sleep on the kick eventfd."""
+
+    def __init__(self, conn: Connection, index: int) -> None:
+        super().__init__(name=f"{conn.label}/ring{index}", daemon=True)
+        self.conn = conn
+        self.index = index
+        self.wake = os.eventfd(0, os.EFD_NONBLOCK)
+        self.stopping = False
+
+    def stop(self) -> None:
+        self.stopping = True
+        os.eventfd_write(self.wake, 1)
+        if threading.current_thread() is not self:
+            self.join()
+        os.close(self.wake)
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except QueueError as exc:
+            self.conn.fail(f"ring {self.index}: {exc}")
+        except OSError as exc:
+            self.conn.fail(f"ring {self.index}: I/O error servicing the ring: {exc}")
+
+    def _loop(self) -> None:
+        conn, index = self.conn, self.index
+        vring = conn.backend.vrings[index]
+        session = conn.session
+        budget = conn.poll_budget_s
+        poll_until = 0.0
+        while not self.stopping:
+            with conn.lock:
+                queue = vring.queue
+                if queue is None:
+                    return
+                done = session.process(index, queue)
+                if queue.needs_notify() and vring.call is not None:
+                    os.eventfd_write(vring.call, 1)
+                    conn.calls += 1
+            if done:
+                poll_until = time.monotonic() + budget
+                continue
+            if time.monotonic() < poll_until:
+                continue
+            with conn.lock:
+                if vring.queue is not queue:
+                    continue
+                if queue.enable_notify():
+                    continue
+                kick = vring.kick
+            if kick is None:
+                return
+            readable, _, _ = select.select([kick, self.wake], [], [])
+            if self.wake in readable:
+                return
+            try:
+                os.eventfd_read(kick)
+                conn.kicks += 1
+            except BlockingIOError:
+                pass
+            with conn.lock:
+                if vring.queue is queue:
+                    queue.disable_notify()

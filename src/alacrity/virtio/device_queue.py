@@ -1,0 +1,167 @@
+"""The device side of a split virtqueue, over memory the driver controls.
+
+Every index, address and length read from the rings is checked before use:
+a violation raises QueueError and the queue must not be used again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from alacrity.virtio.ring import (
+    AVAIL_F_NO_INTERRUPT,
+    DESC,
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    U16,
+    USED_ELEM,
+    USED_F_NO_NOTIFY,
+    QueueError,
+    avail_ring_size,
+    desc_table_size,
+    need_event,
+    used_ring_size,
+    valid_size,
+)
+
+
+class Memory(Protocol):
+    def gpa(self, addr: int, length: int) -> memoryview:
+        """The guest-physical range as a view; raises AddressError if not wholly mapped."""
+        ...
+
+
+@dataclass
+class Chain:
+    """One request: the head index and its buffers, driver-readable first."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+
+class DeviceQueue:
+    """Pops chains the driver made available and pushes them to the used ring."""
+
+    def __init__(
+        self,
+        memory: Memory,
+        size: int,
+        desc: memoryview,
+        avail: memoryview,
+        used: memoryview,
+        *,
+        event_idx: bool,
+        last_avail: int = 0,
+    ) -> None:
+        if not valid_size(size):
+            raise QueueError(f"queue size {size} is not a power of two up to 32768")
+        if (
+            len(desc) < desc_table_size(size)
+            or len(avail) < avail_ring_size(size)
+            or len(used) < used_ring_size(size)
+        ):
+            raise QueueError("ring areas are smaller than the queue size needs")
+        self.memory = memory
+        self.size = size
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+        self.event_idx = event_idx
+        self.last_avail = last_avail & 0xFFFF
+        # The used index lives in shared memory; we own it and resume from it.
+        self.used_idx = U16.unpack_from(used, 2)[0]
+        self.signalled_used = self.used_idx
+        self.notify_enabled = True
+        self.requests = 0
+
+    # -- driver -> device
+    def avail_idx(self) -> int:
+        return U16.unpack_from(self.avail, 2)[0]
+
+    def pending(self) -> int:
+        pending = (self.avail_idx() - self.last_avail) & 0xFFFF
+        if pending > self.size:
+            raise QueueError(f"avail index jumped by {pending} on a queue of {self.size}")
+        return pending
+
+    def pop(self) -> Chain | None:
+        if not self.pending():
+            return None
+        slot = self.last_avail % self.size
+        head = U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        chain = self._walk(head)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return chain
+
+    def _walk(self, head: int) -> Chain:
+        size = self.size
+        if head >= size:
+            raise QueueError(f"descriptor head {head} out of range (queue size {size})")
+        chain = Chain(head)
+        index = head
+        for _ in range(size):
+            addr, length, flags, nxt = DESC.unpack_from(self.desc, 16 * index)
+            if flags & DESC_F_INDIRECT:
+                raise QueueError("indirect descriptor, but INDIRECT_DESC was not negotiated")
+            try:
+                view = self.memory.gpa(addr, length)
+            except QueueError as exc:
+                raise QueueError(f"descriptor {index}: {exc}") from None
+            if flags & DESC_F_WRITE:
+                chain.writable.append(view)
+            elif chain.writable:
+                raise QueueError(f"descriptor {index}: readable buffer after a writable one")
+            else:
+                chain.readable.append(view)
+            if not flags & DESC_F_NEXT:
+                return chain
+            if nxt >= size:
+                raise QueueError(f"descriptor {index}: next {nxt} out of range")
+            index = nxt
+        raise QueueError(f"descriptor chain from {head} loops or exceeds the queue size")
+
+    # -- device -> driver
+    def push(self, head: int, written: int) -> None:
+        """Return a chain; `written` is how many bytes the device wrote into it."""
+        slot = self.used_idx % self.size
+        USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, written)
+        # x86 keeps stores in order: the element is visible before the index moves.
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self.used, 2, self.used_idx)
+        self.requests += 1
+
+    def needs_notify(self) -> bool:
+        """Should the driver be interrupted for what was pushed since the last time?"""
+        if self.used_idx == self.signalled_used:
+            return False
+        old, self.signalled_used = self.signalled_used, self.used_idx
+        if self.event_idx:
+            used_event = U16.unpack_from(self.avail, 4 + 2 * self.size)[0]
+            return need_event(used_event, self.used_idx, old)
+        return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+
+    def disable_notify(self) -> None:
+        """While polling we need no kicks."""
+        if self.notify_enabled:
+            self.notify_enabled = False
+            if not self.event_idx:
+                U16.pack_into(self.used, 0, USED_F_NO_NOTIFY)
+            # With EVENT_IDX an avail_event left behind suppresses kicks by itself.
+
+    def enable_notify(self) -> bool:
+        """Ask for a kick on the next buffer; True if work arrived meanwhile (don't sleep)."""
+        self.notify_enabled = True
+        if self.event_idx:
+            U16.pack_into(self.used, 4 + 8 * self.size, self.last_avail)
+        else:
+            U16.pack_into(self.used, 0, 0)
+        return self.pending() > 0
