@@ -114,8 +114,7 @@ class BlkClient:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         ops = (
-            Op(vb.T_OUT, o, n, view[o - offset : o - offset + n])
-            for o, n in self._pieces(offset, len(view))
+            Op(vb.T_OUT, o, n, view[o - offset : o - offset + n]) for o, n in self._pieces(offset, len(view))
         )
         for _ in self.run(ops):
             pass
@@ -163,9 +162,7 @@ class BlkClient:
                 status = self.area.view[base + 16]
                 if status != vb.S_OK:
                     name = {vb.S_IOERR: "IOERR", vb.S_UNSUPP: "UNSUPP"}.get(status, str(status))
-                    raise BlkError(
-                        f"device answered {name} to request type {op.kind} at {op.offset}"
-                    )
+                    raise BlkError(f"device answered {name} to request type {op.kind} at {op.offset}")
                 data = b""
                 if op.kind == vb.T_IN:
                     data = bytes(self.area.view[base + SLOT_META : base + SLOT_META + op.length])

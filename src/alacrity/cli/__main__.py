@@ -1,0 +1,5 @@
+import sys
+
+from alacrity.cli.main import main
+
+sys.exit(main())

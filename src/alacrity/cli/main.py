@@ -1,0 +1,139 @@
+"""The `alacrity` command (and `alacrityd`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from alacrity import __version__
+from alacrity.errors import AdminError
+
+EPILOG = """\
+A bus is built with plain filesystem operations on the admin tree (as root):
+  mkdir /run/alacrity/devices/disk0
+  echo blk > /run/alacrity/devices/disk0/type
+  echo /var/lib/alacrity/disk0.img > /run/alacrity/devices/disk0/path
+  mkdir /run/alacrity/buses/lab
+  ln -s ../../devices/disk0 /run/alacrity/buses/lab/disk0
+then a VM joins it:
+  alacrity vm run --bus lab --cmd 'cat /sys/block/vda/size'
+"""
+
+
+class UserError(Exception):
+    """A one-line error for the user; exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alacrity",
+        description="Alacrity: a virtual I/O bus for KVM virtual machines.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"alacrity {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    daemon = sub.add_parser("daemon", help="run alacrityd, the bus daemon (root)")
+    add_daemon_arguments(daemon)
+
+    image = sub.add_parser("image", help="build the default guest (kernel + initramfs)")
+    image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    build = image_sub.add_parser("build", help="fetch the Debian cloud kernel and build the initramfs")
+    build.add_argument("--cache", type=Path, help="cache directory (default ~/.cache/alacrity)")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+
+    vm = sub.add_parser("vm", help="run and manage QEMU guests on a bus")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    run = vm_sub.add_parser(
+        "run",
+        help="boot a guest on a bus, with one vhost-user device per device on the bus",
+        description="Join BUS, ask the gate for its devices, and boot QEMU with them. "
+        "The guest's exit status (from --cmd) becomes ours.",
+    )
+    run.add_argument("--bus", required=True, help="the bus to join (admin tree: buses/BUS)")
+    run.add_argument("--name", help="VM name for 'vm list'/'vm stop' (default: BUS-PID)")
+    run.add_argument("--mem", type=int, default=512, metavar="MIB", help="guest memory (default 512)")
+    run.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
+    run.add_argument("--kernel", type=Path, help="kernel (default: the built default guest)")
+    run.add_argument("--initrd", type=Path, help="initramfs (default: the built default guest)")
+    run.add_argument("--cmd", help="shell command to run in the guest, then power off")
+    run.add_argument("--log", type=Path, help="send the serial console to this file")
+    run.add_argument("--append", default="", help="extra kernel command line")
+    run.add_argument("--timeout", type=float, default=0, help="kill the VM after this many seconds")
+    vm_sub.add_parser("list", help="list running VMs")
+    stop = vm_sub.add_parser("stop", help="power a VM off (then kill it)")
+    stop.add_argument("name")
+
+    bus = sub.add_parser("bus", help="see your bus through the gate, or run a command in a bus")
+    bus_sub = bus.add_subparsers(dest="bus_command", required=True, metavar="ACTION")
+    bus_sub.add_parser("show", help="the bus this process belongs to and its devices")
+    exec_ = bus_sub.add_parser("exec", help="admit this process to BUS (root), then exec COMMAND")
+    exec_.add_argument("bus")
+    exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND")
+    return parser
+
+
+def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mount", type=Path, default=Path("/run/alacrity"), help="admin tree (FUSE)")
+    parser.add_argument(
+        "--state-dir", type=Path, default=Path("/var/lib/alacrity"), help="persistent configuration"
+    )
+    parser.add_argument("--run-dir", type=Path, default=Path("/run/alacrityd"), help="sockets")
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        if args.command == "daemon":
+            return run_daemon(args)
+        if args.command == "image":
+            from alacrity.cli.image_cmd import image_build
+
+            return image_build(args)
+        if args.command == "vm":
+            from alacrity.cli import vm_cmd
+
+            return vm_cmd.dispatch(args)
+        if args.command == "bus":
+            from alacrity.cli import bus_cmd
+
+            return bus_cmd.dispatch(args)
+    except (UserError, AdminError) as exc:
+        print(f"alacrity: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    from alacrity.bus.daemon import Daemon, DaemonConfig
+
+    Daemon(DaemonConfig(args.mount, args.state_dir, args.run_dir)).run()
+    return 0
+
+
+def daemon_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="alacrityd", description="The Alacrity bus daemon.")
+    add_daemon_arguments(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return run_daemon(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
