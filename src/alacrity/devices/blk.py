@@ -24,7 +24,9 @@ from alacrity.virtio.ring import QueueError
 
 log = logging.getLogger("alacrity.devices.blk")
 
-QUEUE_SIZE = 256
+# Segments per request: a guest without indirect descriptors must fit a request in
+# QEMU's default 128-entry ring, with the header and the status.
+SEG_MAX = 126
 IOV_MAX = 1024
 _FALLOC_KEEP_SIZE = 0x01
 _FALLOC_PUNCH_HOLE = 0x02
@@ -126,9 +128,7 @@ class BlkDevice(Device):
         except FileNotFoundError:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.ftruncate(fd, self.values["size"])  # sparse
-            log.info(
-                "%s: created sparse image %s of %d bytes", self.name, path, self.values["size"]
-            )
+            log.info("%s: created sparse image %s of %d bytes", self.name, path, self.values["size"])
         except OSError as exc:
             raise AdminError(
                 exc.errno or errno.EIO, f"{self.name}: cannot open {path}: {exc.strerror}"
@@ -176,7 +176,7 @@ class BlkSession(Session):
         return vb.CONFIG.pack(
             self.capacity,
             0,
-            QUEUE_SIZE - 2,
+            SEG_MAX,
             0,
             0,
             0,
@@ -273,11 +273,7 @@ class BlkSession(Session):
             sector, count, _flags = vb.SEGMENT.unpack_from(segments, offset)
             if not self._range_ok(sector, count * vb.SECTOR):
                 return vb.S_IOERR
-            mode = (
-                _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE
-                if kind == vb.T_DISCARD
-                else _FALLOC_ZERO_RANGE
-            )
+            mode = _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE if kind == vb.T_DISCARD else _FALLOC_ZERO_RANGE
             _fallocate(self.fd, mode, sector * vb.SECTOR, count * vb.SECTOR)
         self.device.count("discards")
         return vb.S_OK

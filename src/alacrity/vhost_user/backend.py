@@ -35,7 +35,7 @@ from alacrity.vhost_user.messages import (
     unpack_exact,
 )
 from alacrity.virtio.device_queue import DeviceQueue
-from alacrity.virtio.features import F_VERSION_1, RING_F_EVENT_IDX, bit, has
+from alacrity.virtio.features import F_VERSION_1, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC, bit, has
 from alacrity.virtio.ring import (
     QueueError,
     avail_ring_size,
@@ -46,10 +46,10 @@ from alacrity.virtio.ring import (
 
 log = logging.getLogger("alacrity.vhost_user")
 
-TRANSPORT_FEATURES = bit(F_VERSION_1) | bit(RING_F_EVENT_IDX) | bit(F_PROTOCOL_FEATURES)
-PROTOCOL_FEATURES = (
-    bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+TRANSPORT_FEATURES = (
+    bit(F_VERSION_1) | bit(RING_F_EVENT_IDX) | bit(RING_F_INDIRECT_DESC) | bit(F_PROTOCOL_FEATURES)
 )
+PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
 MAX_CONFIG = 256
 
 
@@ -288,6 +288,7 @@ class Backend:
                 self.memory.uva(avail, avail_ring_size(num)),
                 self.memory.uva(used, used_ring_size(num)),
                 event_idx=has(self.features, RING_F_EVENT_IDX),
+                indirect=has(self.features, RING_F_INDIRECT_DESC),
                 last_avail=last_avail,
             )
         except QueueError as exc:

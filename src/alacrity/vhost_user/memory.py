@@ -49,9 +49,7 @@ class MemoryTable:
             for other in regions:
                 if gpa < other.gpa + other.size and other.gpa < gpa + size:
                     raise ValueError(f"region at {gpa:#x} overlaps the one at {other.gpa:#x}")
-            mapping = mmap.mmap(
-                fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
-            )
+            mapping = mmap.mmap(fd, offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             regions.append(Region(gpa, size, uva, memoryview(mapping)[offset : offset + size]))
         return cls(regions)
 

@@ -99,9 +99,7 @@ class Message:
 
 def unpack_exact(layout: struct.Struct, payload: bytes, request: int) -> tuple:
     if len(payload) < layout.size:
-        raise ProtocolError(
-            f"{_name(request)}: payload of {len(payload)} bytes, need {layout.size}"
-        )
+        raise ProtocolError(f"{_name(request)}: payload of {len(payload)} bytes, need {layout.size}")
     return layout.unpack_from(payload)
 
 
@@ -112,9 +110,7 @@ def _name(request: int) -> str:
         return f"request {request}"
 
 
-def encode(
-    request: int, payload: bytes = b"", *, reply: bool = False, need_reply: bool = False
-) -> bytes:
+def encode(request: int, payload: bytes = b"", *, reply: bool = False, need_reply: bool = False) -> bytes:
     flags = VERSION | (FLAG_REPLY if reply else 0) | (FLAG_NEED_REPLY if need_reply else 0)
     return HEADER.pack(request, flags, len(payload)) + payload
 
@@ -132,9 +128,7 @@ class Framer:
         if fds:
             self.fds.extend(fds)
             if len(self.fds) > MAX_FDS:
-                raise ProtocolError(
-                    f"{len(self.fds)} file descriptors with one message, at most {MAX_FDS}"
-                )
+                raise ProtocolError(f"{len(self.fds)} file descriptors with one message, at most {MAX_FDS}")
         messages = []
         while len(self.buffer) >= HEADER.size:
             request, flags, size = HEADER.unpack_from(self.buffer)
@@ -143,9 +137,7 @@ class Framer:
             if bool(flags & FLAG_REPLY) != self.expect_reply:
                 raise ProtocolError(f"unexpected reply flag in {flags:#x}")
             if size > MAX_PAYLOAD:
-                raise ProtocolError(
-                    f"{_name(request)}: payload of {size} bytes exceeds {MAX_PAYLOAD}"
-                )
+                raise ProtocolError(f"{_name(request)}: payload of {size} bytes exceeds {MAX_PAYLOAD}")
             if len(self.buffer) < HEADER.size + size:
                 break
             payload = bytes(self.buffer[HEADER.size : HEADER.size + size])

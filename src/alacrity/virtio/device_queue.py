@@ -15,6 +15,7 @@ from alacrity.virtio.ring import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    MAX_QUEUE_SIZE,
     U16,
     USED_ELEM,
     USED_F_NO_NOTIFY,
@@ -60,6 +61,7 @@ class DeviceQueue:
         used: memoryview,
         *,
         event_idx: bool,
+        indirect: bool = False,
         last_avail: int = 0,
     ) -> None:
         if not valid_size(size):
@@ -76,6 +78,7 @@ class DeviceQueue:
         self.avail = avail
         self.used = used
         self.event_idx = event_idx
+        self.indirect = indirect
         self.last_avail = last_avail & 0xFFFF
         # The used index lives in shared memory; we own it and resume from it.
         self.used_idx = U16.unpack_from(used, 2)[0]
@@ -106,16 +109,33 @@ class DeviceQueue:
         size = self.size
         if head >= size:
             raise QueueError(f"descriptor head {head} out of range (queue size {size})")
-        chain = Chain(head)
-        index = head
-        for _ in range(size):
-            addr, length, flags, nxt = DESC.unpack_from(self.desc, 16 * index)
-            if flags & DESC_F_INDIRECT:
+        addr, length, flags, _ = DESC.unpack_from(self.desc, 16 * head)
+        if flags & DESC_F_INDIRECT:
+            if not self.indirect:
                 raise QueueError("indirect descriptor, but INDIRECT_DESC was not negotiated")
-            try:
-                view = self.memory.gpa(addr, length)
-            except QueueError as exc:
-                raise QueueError(f"descriptor {index}: {exc}") from None
+            if flags & DESC_F_NEXT or not length or length % 16 or length > 16 * MAX_QUEUE_SIZE:
+                raise QueueError(f"descriptor {head}: bad indirect table of {length} bytes")
+            table = self._view(head, addr, length)
+            return self._chain(head, table, 0, length // 16, nested=True)
+        return self._chain(head, self.desc, head, size, nested=False)
+
+    def _view(self, index: int, addr: int, length: int) -> memoryview:
+        try:
+            return self.memory.gpa(addr, length)
+        except QueueError as exc:
+            raise QueueError(f"descriptor {index}: {exc}") from None
+
+    def _chain(self, head: int, table: memoryview, first: int, count: int, nested: bool) -> Chain:
+        """Walk `count` descriptors of `table` from `first`; at most `count` links."""
+        chain = Chain(head)
+        index = first
+        for _ in range(count):
+            addr, length, flags, nxt = DESC.unpack_from(table, 16 * index)
+            if flags & DESC_F_INDIRECT:
+                raise QueueError(
+                    f"descriptor {index}: indirect {'inside a table' if nested else 'in a chain'}"
+                )
+            view = self._view(index, addr, length)
             if flags & DESC_F_WRITE:
                 chain.writable.append(view)
             elif chain.writable:
@@ -124,10 +144,10 @@ class DeviceQueue:
                 chain.readable.append(view)
             if not flags & DESC_F_NEXT:
                 return chain
-            if nxt >= size:
+            if nxt >= count:
                 raise QueueError(f"descriptor {index}: next {nxt} out of range")
             index = nxt
-        raise QueueError(f"descriptor chain from {head} loops or exceeds the queue size")
+        raise QueueError(f"descriptor chain from {head} loops or exceeds its table")
 
     # -- device -> driver
     def push(self, head: int, written: int) -> None:

@@ -70,9 +70,7 @@ class DriverQueue:
     def add(self, buffers: list[tuple[int, int, bool]], token: Any) -> None:
         """Queue a chain of (address, length, device_writable) buffers; readable first."""
         if not buffers or len(buffers) > len(self.free):
-            raise QueueError(
-                f"chain of {len(buffers)} needs more free descriptors than {len(self.free)}"
-            )
+            raise QueueError(f"chain of {len(buffers)} needs more free descriptors than {len(self.free)}")
         ids = [self.free.pop() for _ in buffers]
         for i, (addr, length, writable) in enumerate(buffers):
             last = i == len(buffers) - 1

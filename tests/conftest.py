@@ -1,0 +1,144 @@
+"""Shared fixtures: a real alacrityd process with its own admin tree, sockets and store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+
+def need(condition: bool, why: str) -> None:
+    if not condition:
+        pytest.skip(why)
+
+
+def fuse_available() -> bool:
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+@dataclass
+class Daemon:
+    """An alacrityd under test; `env` points clients and the CLI at it."""
+
+    root: Path
+    proc: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def admin(self) -> Path:
+        return self.root / "admin"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "daemon.log"
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "alacrity.cli",
+                    "daemon",
+                    "--mount",
+                    str(self.admin),
+                    "--state-dir",
+                    str(self.state_dir),
+                    "--run-dir",
+                    str(self.run_dir),
+                ],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not (self.run_dir / "alacrityd.pid").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"alacrityd did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self.unmount()
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.unmount()
+
+    def unmount(self) -> None:
+        if os.path.ismount(self.admin):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.admin)], check=False)
+
+    def sh(self, script: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        """Run an admin shell script with A set to the admin tree."""
+        return subprocess.run(
+            ["sh", "-ec", script],
+            env={**self.env, "A": str(self.admin)},
+            capture_output=True,
+            text=True,
+            check=check,
+            **kw,
+        )
+
+    def make_disk(self, name: str, bus: str, image: Path, size: str = "64M", extra: str = "") -> None:
+        self.sh(f"""
+            mkdir -p $A/devices/{name}
+            echo blk > $A/devices/{name}/type
+            echo {image} > $A/devices/{name}/path
+            echo {size} > $A/devices/{name}/size
+            {extra}
+            [ -d $A/buses/{bus} ] || mkdir $A/buses/{bus}
+            ln -s ../../devices/{name} $A/buses/{bus}/{name}
+        """)
+
+    def in_bus(self, bus: str, code: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run Python `code` in a new process that `alacrity bus exec` admits to `bus`."""
+        return subprocess.run(
+            [sys.executable, "-m", "alacrity.cli", "bus", "exec", bus, "--", sys.executable, "-c", code],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    need(fuse_available(), "FUSE is not available (/dev/fuse or fusermount3 missing)")
+    need(os.geteuid() == 0, "alacrityd needs root (FUSE allow_other, membership as root)")
+    d = Daemon(tmp_path)
+    d.env = {
+        **os.environ,
+        "ALACRITY_RUN_DIR": str(d.run_dir),
+        "ALACRITY_ADMIN": str(d.admin),
+        "ALACRITY_VM_DIR": str(tmp_path / "vms"),
+    }
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
