@@ -69,7 +69,9 @@ class Daemon:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
-        while not (self.run_dir / "alacrityd.pid").exists():
+        pidfile = self.run_dir / "alacrityd.pid"
+        # A daemon killed with -9 leaves its pid file: wait for this one's.
+        while not (pidfile.exists() and pidfile.read_text().strip() == str(self.proc.pid)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"alacrityd did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.05)
@@ -90,8 +92,8 @@ class Daemon:
         self.unmount()
 
     def unmount(self) -> None:
-        if os.path.ismount(self.admin):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.admin)], check=False)
+        # A dead FUSE daemon leaves a mount that answers ENOTCONN (ismount says False).
+        subprocess.run(["fusermount3", "-u", "-z", str(self.admin)], check=False, capture_output=True)
 
     def sh(self, script: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         """Run an admin shell script with A set to the admin tree."""
@@ -142,3 +144,12 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    from alacrity.vm.image import default_image
+
+    return default_image(progress=False)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from alacrity.vm.image import default_image
 
 pytestmark = pytest.mark.vm
 
@@ -22,13 +20,6 @@ WRITE_PATTERN = (
     "dd if=/tmp/p of=/dev/vda bs=65536 seek=16 conv=fsync 2>/dev/null && sha256sum /tmp/p"
 )
 READ_PATTERN = "dd if=/dev/vda bs=65536 skip=16 count=16 2>/dev/null | sha256sum"
-
-
-@pytest.fixture(scope="session")
-def guest_image():
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed")
-    return default_image(progress=False)
 
 
 def vm_run(daemon, bus: str, cmd: str, image, timeout: float = 240) -> tuple[int, str]:

@@ -35,7 +35,6 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        cfg.mountpoint.mkdir(parents=True, exist_ok=True)
         self.model = Model(cfg.database)
         self.gate = Gate(self.model, cfg.run_dir)
         self.gate.start()
