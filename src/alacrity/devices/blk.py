@@ -216,14 +216,14 @@ class BlkSession(Session):
         if not chain.writable or not len(chain.writable[-1]):
             raise QueueError("virtio-blk request without a status byte")
         kind, _, sector = vb.REQUEST_HEADER.unpack(raw)
-        data_in, status_view = split(chain.writable, chain.writable_len() - 1)
+        data_in, _status = split(chain.writable, chain.writable_len() - 1)
         try:
             status, written = self._dispatch(kind, sector, data_out, data_in)
         except OSError as exc:
             log.warning("%s: I/O error: %s", self.device.name, exc)
             self.device.count("io_errors")
             status, written = vb.S_IOERR, 0
-        status_view[0][0] = status
+        chain.writable[-1][-1] = status  # the status is the chain's last byte
         return written + 1
 
     def _range_ok(self, sector: int, nbytes: int) -> bool:

@@ -103,6 +103,7 @@ class Backend:
         """Ring index and fd of a KICK/CALL/ERR message; the fd is ours from now on."""
         word = msg.u64()
         index = word & VRING_INDEX_MASK
+        self._vring(index)  # refuse a missing ring before we own its fd
         if word & VRING_NOFD_MASK:
             if msg.fds:
                 raise ProtocolError("ring fd message says 'no fd' but carries one")

@@ -77,6 +77,8 @@ class Connection:
             if not self.closed.is_set():
                 log.info("%s: connection lost: %s", self.label, exc)
         finally:
+            for fd in framer.fds:  # sent with a message that never completed
+                os.close(fd)
             self.close()
 
     def _apply(self, actions: list[Action]) -> None:
@@ -148,6 +150,9 @@ class RingWorker(threading.Thread):
             self.conn.fail(f"ring {self.index}: {exc}")
         except OSError as exc:
             self.conn.fail(f"ring {self.index}: I/O error servicing the ring: {exc}")
+        except Exception as exc:  # a device bug must cost one connection, not a silent hang
+            log.exception("%s: ring %d: unexpected error", self.conn.label, self.index)
+            self.conn.fail(f"ring {self.index}: internal error: {exc!r}")
 
     def _loop(self) -> None:
         conn, index = self.conn, self.index
@@ -177,8 +182,10 @@ class RingWorker(threading.Thread):
                 kick = vring.kick
             if kick is None:
                 return
-            readable, _, _ = select.select([kick, self.wake], [], [])
-            if self.wake in readable:
+            poller = select.poll()  # not select(): fds may be above 1024
+            poller.register(kick, select.POLLIN)
+            poller.register(self.wake, select.POLLIN)
+            if any(fd == self.wake for fd, _ in poller.poll()):
                 return
             try:
                 os.eventfd_read(kick)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import ctypes
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +29,8 @@ from .runtime import (
 )
 
 QEMU = "qemu-system-x86_64"
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 BASE_APPEND = "console=ttyS0 quiet panic=-1"
 # x86 COMMAND_LINE_SIZE is 2048; leave room for the rest of the command line.
 MAX_CMD_B64 = 1500
@@ -127,7 +132,7 @@ class VM:
         with open(self.run_dir / "qemu.log", "wb") as err:
             self.proc = subprocess.Popen(cmd, stdin=stdin, stderr=err,
                                          stdout=subprocess.PIPE if stdio else subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         start_new_session=True, preexec_fn=_die_with_parent)
         self.record = VmRecord(self.spec.name, self.proc.pid,
                                proc_start_time(self.proc.pid) or 0, str(self.qmp_path),
                                time.time(), cmd, str(self.spec.console), str(self.run_dir))
@@ -205,6 +210,13 @@ class VM:
             err = ""
         out = f"\n--- console tail ---\n{self.console.tail()}"
         return out + (f"\n--- qemu stderr ---\n{err}" if err else "")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: QEMU gets SIGKILL if the process that started it dies,
+    so a killed `alacrity vm run` never leaves a guest behind."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(127)
 
 
 def _echo(chunk: bytes) -> None:
