@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-
 pytestmark = pytest.mark.vm
 
 PATTERN_LINE = b"alacrity-pattern\n"

@@ -63,6 +63,9 @@ class Daemon:
         wake = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: wake.set())
+        # Set before mounting: libfuse takes over any signal still at its default, and
+        # its SIGHUP handler would unmount the admin tree under a running daemon.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.start()
         try:
             while not wake.wait(1.0):

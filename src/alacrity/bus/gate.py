@@ -35,11 +35,28 @@ class Peer:
     pid: int
     uid: int
     start_time: int | None
+    ident: int | None  # pidfs inode of the connecting process itself, where the kernel has it
+
+
+SO_PEERPIDFD = 77  # Linux 6.5+; not yet named by Python 3.11's socket module
 
 
 def peer_of(sock: socket.socket) -> Peer:
     pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return Peer(pid, uid, peers.start_time(pid))
+    return Peer(pid, uid, peers.start_time(pid), _peer_ident(sock))
+
+
+def _peer_ident(sock: socket.socket) -> int | None:
+    """The pidfs inode of the process that connected, taken from the socket itself, so a
+    pid reused after connect() cannot pass for the peer."""
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        return None
+    try:
+        return os.fstat(pidfd).st_ino
+    finally:
+        os.close(pidfd)
 
 
 class Gate:
@@ -149,7 +166,7 @@ class Gate:
             return None
         bus = self.model.bus_of(peer.pid)
         # The pid must still be the process that connected.
-        if bus is not None and peers.start_time(peer.pid) != peer.start_time:
+        if bus is not None and not peers.alive(peer.pid, peer.start_time, peer.ident):
             return None
         return bus
 
