@@ -3,6 +3,7 @@ offered to the backend as one region at guest-physical address 0."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -25,8 +26,7 @@ class SharedArea:
 
     def close(self) -> None:
         self.view.release()
-        try:
+        # A view still exported keeps the mapping; it goes with the view.
+        with contextlib.suppress(BufferError):
             self.map.close()
-        except BufferError:
-            pass  # a view is still exported; the mapping goes with it
         os.close(self.fd)
