@@ -6,6 +6,8 @@ them; no sockets, no threads.
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,7 +18,6 @@ from alacrity.virtio.ring import (
     DESC,
     DESC_F_INDIRECT,
     DESC_F_NEXT,
-    U16,
     AddressError,
     QueueError,
     avail_ring_size,
@@ -24,6 +25,8 @@ from alacrity.virtio.ring import (
     need_event,
     used_ring_size,
 )
+
+U16 = struct.Struct("<H")  # tests poke rings from one thread, so struct is fine here
 
 BUFFERS = 1 << 16  # where data buffers start in guest memory; rings live below
 
@@ -373,3 +376,49 @@ def test_device_pop_rejects_bad_descriptors() -> None:
     U16.pack_into(pair.mem.view, pair.layout.avail + 4, 8)  # head out of range
     with pytest.raises(QueueError):
         device.pop()
+
+
+def test_ring_index_stores_are_never_seen_half_written():
+    """Another process reading an index we advance must never see it go backwards:
+    a byte-wise store (struct.pack_into zero-fills first) shows transient values."""
+    import mmap
+    import multiprocessing
+
+    from alacrity.virtio.ring import UsedRing
+
+    size = 8
+    shared = mmap.mmap(-1, used_ring_size(size))
+    ring = UsedRing(memoryview(shared), size)
+    ready = multiprocessing.Event()
+
+    def reader(done, result) -> None:
+        view = UsedRing(memoryview(shared), size)
+        last, backwards, reads = view.idx, 0, 0
+        ready.set()
+        while not done.is_set():
+            now = view.idx
+            if (now - last) & 0xFFFF >= 0x8000:
+                backwards += 1
+            last = now
+            reads += 1
+        result.put((backwards, reads))
+
+    ctx = multiprocessing.get_context("fork")
+    done, result = ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=reader, args=(done, result))
+    proc.start()
+    try:
+        assert ready.wait(10)
+        value = 0
+        for _ in range(300_000):
+            value = (value + 1) & 0xFFFF
+            ring.idx = value
+        done.set()
+        backwards, reads = result.get(timeout=30)
+    finally:
+        done.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    assert reads > 1000
+    assert backwards == 0

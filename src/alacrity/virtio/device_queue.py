@@ -16,10 +16,10 @@ from alacrity.virtio.ring import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     MAX_QUEUE_SIZE,
-    U16,
-    USED_ELEM,
     USED_F_NO_NOTIFY,
+    AvailRing,
     QueueError,
+    UsedRing,
     avail_ring_size,
     desc_table_size,
     need_event,
@@ -77,18 +77,20 @@ class DeviceQueue:
         self.desc = desc
         self.avail = avail
         self.used = used
+        self.avail_ring = AvailRing(avail, size)
+        self.used_ring = UsedRing(used, size)
         self.event_idx = event_idx
         self.indirect = indirect
         self.last_avail = last_avail & 0xFFFF
         # The used index lives in shared memory; we own it and resume from it.
-        self.used_idx = U16.unpack_from(used, 2)[0]
+        self.used_idx = self.used_ring.idx
         self.signalled_used = self.used_idx
         self.notify_enabled = True
         self.requests = 0
 
     # -- driver -> device
     def avail_idx(self) -> int:
-        return U16.unpack_from(self.avail, 2)[0]
+        return self.avail_ring.idx
 
     def pending(self) -> int:
         pending = (self.avail_idx() - self.last_avail) & 0xFFFF
@@ -100,7 +102,7 @@ class DeviceQueue:
         if not self.pending():
             return None
         slot = self.last_avail % self.size
-        head = U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        head = self.avail_ring.head(slot)
         chain = self._walk(head)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
@@ -153,10 +155,10 @@ class DeviceQueue:
     def push(self, head: int, written: int) -> None:
         """Return a chain; `written` is how many bytes the device wrote into it."""
         slot = self.used_idx % self.size
-        USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, written)
+        self.used_ring.set_element(slot, head, written)
         # x86 keeps stores in order: the element is visible before the index moves.
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(self.used, 2, self.used_idx)
+        self.used_ring.idx = self.used_idx
         self.requests += 1
 
     def needs_notify(self) -> bool:
@@ -165,23 +167,23 @@ class DeviceQueue:
             return False
         old, self.signalled_used = self.signalled_used, self.used_idx
         if self.event_idx:
-            used_event = U16.unpack_from(self.avail, 4 + 2 * self.size)[0]
+            used_event = self.avail_ring.used_event
             return need_event(used_event, self.used_idx, old)
-        return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        return not self.avail_ring.flags & AVAIL_F_NO_INTERRUPT
 
     def disable_notify(self) -> None:
         """While polling we need no kicks."""
         if self.notify_enabled:
             self.notify_enabled = False
             if not self.event_idx:
-                U16.pack_into(self.used, 0, USED_F_NO_NOTIFY)
+                self.used_ring.flags = USED_F_NO_NOTIFY
             # With EVENT_IDX an avail_event left behind suppresses kicks by itself.
 
     def enable_notify(self) -> bool:
         """Ask for a kick on the next buffer; True if work arrived meanwhile (don't sleep)."""
         self.notify_enabled = True
         if self.event_idx:
-            U16.pack_into(self.used, 4 + 8 * self.size, self.last_avail)
+            self.used_ring.avail_event = self.last_avail
         else:
-            U16.pack_into(self.used, 0, 0)
+            self.used_ring.flags = 0
         return self.pending() > 0

@@ -10,9 +10,9 @@ from alacrity.virtio.ring import (
     DESC,
     DESC_F_NEXT,
     DESC_F_WRITE,
-    U16,
-    USED_ELEM,
+    AvailRing,
     QueueError,
+    UsedRing,
     avail_ring_size,
     desc_table_size,
     need_event,
@@ -63,6 +63,8 @@ class DriverQueue:
         self.last_used = 0
         for view in (self.desc, self.avail, self.used):
             view[:] = bytes(len(view))
+        self.avail_ring = AvailRing(self.avail, layout.size)
+        self.used_ring = UsedRing(self.used, layout.size)
 
     def free_count(self) -> int:
         return len(self.free)
@@ -78,28 +80,28 @@ class DriverQueue:
             DESC.pack_into(self.desc, 16 * ids[i], addr, length, flags, 0 if last else ids[i + 1])
         head = ids[0]
         self.tokens[head] = (token, len(ids))
-        U16.pack_into(self.avail, 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_ring.set_head(self.avail_idx % self.size, head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
 
     def publish(self) -> bool:
         """Make added chains visible; True if the device asked to be kicked for them."""
-        U16.pack_into(self.avail, 2, self.avail_idx)
+        self.avail_ring.idx = self.avail_idx
         old, self.kicked_idx = self.kicked_idx, self.avail_idx
         if old == self.avail_idx:
             return False
         if self.event_idx:
-            avail_event = U16.unpack_from(self.used, 4 + 8 * self.size)[0]
+            avail_event = self.used_ring.avail_event
             return need_event(avail_event, self.avail_idx, old)
-        return not U16.unpack_from(self.used, 0)[0] & 1
+        return not self.used_ring.flags & 1
 
     def completed(self) -> list[tuple[Any, int]]:
         """Collect (token, bytes written by the device) for every finished chain."""
         done = []
-        used_idx = U16.unpack_from(self.used, 2)[0]
+        used_idx = self.used_ring.idx
         if (used_idx - self.last_used) & 0xFFFF > self.size:
             raise QueueError("used index jumped beyond the queue size")
         while self.last_used != used_idx:
-            head, written = USED_ELEM.unpack_from(self.used, 4 + 8 * (self.last_used % self.size))
+            head, written = self.used_ring.element(self.last_used % self.size)
             if head not in self.tokens:
                 raise QueueError(f"device returned descriptor {head}, which is not in flight")
             token, count = self.tokens.pop(head)
@@ -114,11 +116,11 @@ class DriverQueue:
     def enable_interrupts(self) -> bool:
         """Ask for an interrupt on the next completion; True if some already came."""
         if self.event_idx:
-            U16.pack_into(self.avail, 4 + 2 * self.size, self.last_used)
+            self.avail_ring.used_event = self.last_used
         else:
-            U16.pack_into(self.avail, 0, 0)
-        return U16.unpack_from(self.used, 2)[0] != self.last_used
+            self.avail_ring.flags = 0
+        return self.used_ring.idx != self.last_used
 
     def disable_interrupts(self) -> None:
         if not self.event_idx:
-            U16.pack_into(self.avail, 0, 1)
+            self.avail_ring.flags = 1

@@ -16,8 +16,6 @@ DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
 
-U16 = struct.Struct("<H")
-USED_ELEM = struct.Struct("<II")  # id, len
 
 MAX_QUEUE_SIZE = 32768
 
@@ -49,3 +47,87 @@ def valid_size(num: int) -> bool:
 def need_event(event: int, new: int, old: int) -> bool:
     """The EVENT_IDX test: did the index move past `event` going from `old` to `new`?"""
     return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+# Fields the other side reads while we write them go through memoryview.cast views:
+# each access is one aligned 16- or 32-bit load or store. struct.pack_into would zero
+# the field and write it byte by byte, and a reader on the other core could see the
+# half-written index. (x86 is little-endian, as virtio's rings are.)
+
+
+class AvailRing:
+    """flags, idx, ring[size], used_event — written by the driver."""
+
+    def __init__(self, view: memoryview, size: int) -> None:
+        self.u16 = view[: avail_ring_size(size)].cast("H")
+        self.size = size
+
+    @property
+    def flags(self) -> int:
+        return self.u16[0]
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        self.u16[0] = value
+
+    @property
+    def idx(self) -> int:
+        return self.u16[1]
+
+    @idx.setter
+    def idx(self, value: int) -> None:
+        self.u16[1] = value
+
+    def head(self, slot: int) -> int:
+        return self.u16[2 + slot]
+
+    def set_head(self, slot: int, head: int) -> None:
+        self.u16[2 + slot] = head
+
+    @property
+    def used_event(self) -> int:
+        return self.u16[2 + self.size]
+
+    @used_event.setter
+    def used_event(self, value: int) -> None:
+        self.u16[2 + self.size] = value
+
+
+class UsedRing:
+    """flags, idx, ring[size] of (id, len), avail_event — written by the device."""
+
+    def __init__(self, view: memoryview, size: int) -> None:
+        self.u16 = view[: used_ring_size(size)].cast("H")
+        self.u32 = view[4 : 4 + 8 * size].cast("I")
+        self.size = size
+
+    @property
+    def flags(self) -> int:
+        return self.u16[0]
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        self.u16[0] = value
+
+    @property
+    def idx(self) -> int:
+        return self.u16[1]
+
+    @idx.setter
+    def idx(self, value: int) -> None:
+        self.u16[1] = value
+
+    def element(self, slot: int) -> tuple[int, int]:
+        return self.u32[2 * slot], self.u32[2 * slot + 1]
+
+    def set_element(self, slot: int, head: int, written: int) -> None:
+        self.u32[2 * slot] = head
+        self.u32[2 * slot + 1] = written
+
+    @property
+    def avail_event(self) -> int:
+        return self.u16[2 + 4 * self.size]
+
+    @avail_event.setter
+    def avail_event(self, value: int) -> None:
+        self.u16[2 + 4 * self.size] = value

@@ -1,0 +1,211 @@
+"""A switch port: one virtio-net device seen from the switch, with its two rings
+(RX = queue 0, the port's receive side; TX = queue 1), its negotiated features and
+its counters. `Port` is sans-I/O (the engine's tests drive it over in-memory rings);
+`VhostPort` is a port served over a vhost-user connection."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import struct
+from typing import Any
+
+from alacrity.devices.base import Session
+from alacrity.vhost_user.backend import Action, Backend
+from alacrity.vhost_user.messages import MAX_FDS, Framer, ProtocolError
+from alacrity.virtio import net as vn
+from alacrity.virtio.device_queue import DeviceQueue
+from alacrity.virtio.features import bit, has
+
+log = logging.getLogger("alacrity.switch")
+
+RX, TX = 0, 1
+
+#: Offloads a port may negotiate when the switch offers them (see `NetSession`).
+OFFLOAD_FEATURES = (
+    bit(vn.F_CSUM)
+    | bit(vn.F_GUEST_CSUM)
+    | bit(vn.F_HOST_TSO4)
+    | bit(vn.F_HOST_TSO6)
+    | bit(vn.F_GUEST_TSO4)
+    | bit(vn.F_GUEST_TSO6)
+)
+
+COUNTERS = (
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",  # no room in this port's RX ring (or its RX ring is not running)
+    "rx_dropped_offload",  # a frame needed an offload this port did not negotiate
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",  # sent to nobody (destination is the sender's own port, or no other port)
+    "tx_errors",
+    "kicks",
+    "interrupts",
+)
+
+
+class Port:
+    """What the engine needs of a port. Subclasses set `rx`/`tx` as the rings start and stop."""
+
+    def __init__(self, port_id: int, *, mac: bytes = b"", mtu: int = 1500, features: int = 0,
+                 label: str = "") -> None:
+        self.id = port_id
+        self.mac = mac
+        self.mtu = mtu
+        self.label = label or f"port{port_id}"
+        self.rx: DeviceQueue | None = None
+        self.tx: DeviceQueue | None = None
+        self.broken: str | None = None
+        self.peer_pid = 0
+        for name in COUNTERS:
+            setattr(self, name, 0)
+        self.set_features(features)
+
+    def set_features(self, features: int) -> None:
+        self.features = features
+        self.hdr_size = vn.header_size(features)
+        self.mrg_rxbuf = has(features, vn.F_MRG_RXBUF)
+        self.max_frame = self.mtu + vn.ETH_HLEN + vn.VLAN_HLEN
+        self.host_csum = has(features, vn.F_CSUM)
+        self.guest_csum = has(features, vn.F_GUEST_CSUM)
+        self.host_gso = {
+            vn.GSO_TCPV4: has(features, vn.F_HOST_TSO4),
+            vn.GSO_TCPV6: has(features, vn.F_HOST_TSO6),
+            vn.GSO_UDP: has(features, vn.F_HOST_UFO),
+        }
+        self.guest_gso = {
+            vn.GSO_TCPV4: has(features, vn.F_GUEST_TSO4),
+            vn.GSO_TCPV6: has(features, vn.F_GUEST_TSO6),
+            vn.GSO_UDP: has(features, vn.F_GUEST_UFO),
+        }
+
+    def signal(self, index: int) -> None:
+        """Interrupt the driver for ring `index` (an eventfd write for a vhost-user port)."""
+        self.interrupts += 1
+
+    def counters(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+
+class NetSession(Session):
+    """The virtio-net device a port shows its driver: features and config space."""
+
+    num_queues = 2
+    max_queue_size = 1024
+
+    def __init__(self, mac: bytes, mtu: int, *, offloads: bool = False) -> None:
+        self.mac = mac
+        self.mtu = mtu
+        self.device_features = (
+            bit(vn.F_MAC) | bit(vn.F_MTU) | bit(vn.F_STATUS) | bit(vn.F_MRG_RXBUF)
+            | (OFFLOAD_FEATURES if offloads else 0)
+        )
+        self.features = 0
+
+    def call(self, func: str, data: bytes) -> bytes:
+        if func == "get_config":
+            offset, size = struct.unpack("<II", data)
+            return vn.pack_config(self.mac, mtu=self.mtu)[offset : offset + size]
+        if func == "set_features":
+            self.features = struct.unpack("<Q", data)[0]
+        # set_config (a MAC write by a legacy driver) is ignored: the switch assigns MACs.
+        return b""
+
+    def process(self, index: int, queue: Any) -> int:
+        raise NotImplementedError("the switch engine services net rings")
+
+
+class VhostPort(Port):
+    """A port whose driver speaks vhost-user on `sock` (a VM's QEMU or a NetClient).
+
+    The socket is read without blocking; `service_socket()` feeds whole messages to the
+    sans-I/O `Backend`, sends replies and refreshes the rings. ProtocolError, QueueError
+    or OSError from it mean: remove this port."""
+
+    def __init__(self, port_id: int, sock: socket.socket, *, mac: bytes, mtu: int,
+                 offloads: bool = False, label: str = "", peer_pid: int = 0) -> None:
+        super().__init__(port_id, mac=mac, mtu=mtu, label=label)
+        self.peer_pid = peer_pid
+        self.sock = sock
+        self.session = NetSession(mac, mtu, offloads=offloads)
+        self.backend = Backend(self.session)
+        self.framer = Framer()
+        self.closed = False
+        self.changed = True  # the fds the main loop must poll changed
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def kick_fds(self) -> list[int]:
+        vring = self.backend.vrings[TX]
+        return [vring.kick] if vring.queue is not None and vring.kick is not None else []
+
+    def service_socket(self, max_messages: int = 64) -> bool:
+        """Read what the peer sent; False when the peer closed the connection."""
+        for _ in range(max_messages):
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(
+                    self.sock, self.framer.pending(), MAX_FDS, socket.MSG_DONTWAIT
+                )
+            except BlockingIOError:
+                return True
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return False
+            for msg in self.framer.feed(data, fds):
+                try:
+                    reply = self.backend.handle(msg)
+                finally:
+                    for fd in msg.fds:
+                        os.close(fd)
+                    actions, self.backend.actions = self.backend.actions, []
+                self._apply(actions)
+                if reply is not None:
+                    self.sock.sendall(reply)
+        return True
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            for fd in action.closing:
+                os.close(fd)
+        self.set_features(self.backend.features)
+        self.rx = self.backend.vrings[RX].queue
+        self.tx = self.backend.vrings[TX].queue
+        if self.tx is not None:
+            self.tx.disable_notify()
+        if self.rx is not None:
+            # We never wait for RX buffers (a full ring is a drop), so we want no RX kicks.
+            self.rx.disable_notify()
+        self.changed = True
+
+    def signal(self, index: int) -> None:
+        call = self.backend.vrings[index].call
+        if call is not None:
+            os.eventfd_write(call, 1)
+            self.interrupts += 1
+
+    def fail(self, reason: str) -> None:
+        """Tell the driver (the ring's err eventfd) before the connection closes."""
+        self.broken = self.broken or reason
+        for vring in self.backend.vrings:
+            if vring.err is not None:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(vring.err, 1)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.rx = self.tx = None
+        for fd in self.backend.close() + self.framer.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.framer.fds = []
+        self.sock.close()
+
+
+__all__ = ["COUNTERS", "NetSession", "Port", "ProtocolError", "RX", "TX", "VhostPort"]

@@ -1,0 +1,287 @@
+"""The switch as its own process: one thread, run-to-completion.
+
+    python -m alacrity.switch --control /run/alacrityd/switch0.ctl
+
+The control socket (AF_UNIX, SOCK_SEQPACKET) takes one JSON object per packet:
+- `{"op": "add_port", "label": L, "mac": M|null, "peer_pid": P}` with one fd (SCM_RIGHTS):
+  an already-accepted vhost-user connection, which becomes a port. Reply
+  `{"ok": true, "port": ID, "mac": "..."}`.
+- `{"op": "remove_port", "port": ID}`, `{"op": "stats"}` (ports, fdb, stats), `{"op": "quit"}`.
+Errors are answered `{"ok": false, "error": "..."}`.
+
+The loop forwards while there is work, busy-polls for `poll_budget_s` after the last
+frame, then enables notifications on every TX ring (EVENT_IDX), re-checks, and sleeps
+in poll() on the kick eventfds, the vhost-user sockets and the control sockets. A port
+whose peer leaves or breaks the rules is closed alone, with a logged reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import select
+import socket
+import time
+
+from alacrity.switch.engine import BATCH, Engine
+from alacrity.switch.fdb import Fdb
+from alacrity.switch.port import VhostPort
+from alacrity.vhost_user.messages import ProtocolError
+from alacrity.virtio import net as vn
+from alacrity.virtio.ring import QueueError
+
+log = logging.getLogger("alacrity.switch")
+
+POLL_BUDGET_S = 200e-6
+IO_CHECK_S = 1e-3  # under load, look at sockets this often
+MAX_CONTROL = 65536
+DEFAULT_PREFIX = "02:a1:ac"
+
+
+class Switch:
+    def __init__(self, control_path: str, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
+                 ageing_s: float = 300.0, offloads: bool = False, batch: int = BATCH,
+                 poll_budget_s: float = POLL_BUDGET_S) -> None:
+        prefix = bytes(int(p, 16) for p in mac_prefix.split(":"))
+        if not 1 <= len(prefix) <= 5 or prefix[0] & 1:
+            raise ValueError(f"mac_prefix {mac_prefix!r}: 1 to 5 bytes of a unicast address")
+        self.prefix = prefix
+        self.mtu = mtu
+        self.offloads = offloads
+        self.poll_budget_s = poll_budget_s
+        self.engine = Engine(Fdb(ageing_s=ageing_s), batch=batch)
+        self.ports: dict[int, VhostPort] = {}
+        self.next_id = 1
+        self.control_path = control_path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control_path)
+        self.listener.bind(control_path)
+        self.listener.listen(8)
+        self.controls: dict[int, socket.socket] = {}
+        self.poller: select.poll | None = None
+        self.kick_owner: dict[int, VhostPort] = {}
+        self.stopping = False
+        self.sleeps = 0
+        self.wakeups = 0
+        self.removed: list[dict] = []
+
+    # -- ports
+    def add_port(self, sock: socket.socket, mac: bytes | None, label: str, peer_pid: int) -> VhostPort:
+        port_id = self.next_id
+        self.next_id += 1
+        if mac is None:
+            mac = self.prefix + port_id.to_bytes(6 - len(self.prefix), "big")
+        port = VhostPort(port_id, sock, mac=mac, mtu=self.mtu, offloads=self.offloads,
+                         label=label or f"port{port_id}", peer_pid=peer_pid)
+        self.ports[port_id] = port
+        self.engine.add_port(port)
+        self.poller = None
+        log.info("%s: port %d added (mac %s, pid %d)", port.label, port_id, vn.mac_text(mac), peer_pid)
+        return port
+
+    def remove_port(self, port: VhostPort, reason: str, *, fault: bool = False) -> None:
+        if self.ports.pop(port.id, None) is None:
+            return
+        self.engine.remove_port(port.id)
+        if fault:
+            port.fail(reason)
+            log.warning("%s: port %d removed: %s", port.label, port.id, reason)
+        else:
+            log.info("%s: port %d removed: %s", port.label, port.id, reason)
+        self.removed.append({"port": port.id, "label": port.label, "reason": reason})
+        del self.removed[:-32]
+        port.close()
+        self.poller = None
+
+    # -- the loop
+    def run(self) -> None:
+        engine = self.engine
+        last_work = next_io = 0.0
+        clock = time.monotonic
+        while not self.stopping:
+            work = engine.poll_once()
+            if engine.broken:
+                for port in engine.take_broken():
+                    self.remove_port(port, port.broken or "broken", fault=True)  # type: ignore[arg-type]
+            now = clock()
+            if work or now - last_work < self.poll_budget_s:
+                if work:
+                    last_work = now
+                if now >= next_io:
+                    self._service_io(0)
+                    next_io = now + IO_CHECK_S
+                continue
+            if self._arm():
+                continue
+            self.sleeps += 1
+            self._service_io(1000)
+            self._disarm()
+            last_work = clock()  # poll a while after every wake-up
+
+    def _arm(self) -> bool:
+        """Ask every TX ring for a kick; True if work arrived meanwhile (do not sleep)."""
+        pending = False
+        for port in self.ports.values():
+            if port.tx is not None and port.tx.enable_notify():
+                pending = True
+        if pending:
+            self._disarm()
+        return pending
+
+    def _disarm(self) -> None:
+        for port in self.ports.values():
+            if port.tx is not None:
+                port.tx.disable_notify()
+
+    def _build_poller(self) -> select.poll:
+        poller = select.poll()
+        poller.register(self.listener, select.POLLIN)
+        for fd in self.controls:
+            poller.register(fd, select.POLLIN)
+        self.kick_owner = {}
+        for port in self.ports.values():
+            poller.register(port.fileno(), select.POLLIN)
+            for fd in port.kick_fds():
+                poller.register(fd, select.POLLIN)
+                self.kick_owner[fd] = port
+            port.changed = False
+        return poller
+
+    def _service_io(self, timeout_ms: int) -> None:
+        if self.poller is None or any(p.changed for p in self.ports.values()):
+            self.poller = self._build_poller()
+        events = self.poller.poll(timeout_ms)
+        if timeout_ms:
+            self.wakeups += 1
+        socks = {p.fileno(): p for p in self.ports.values()}
+        for fd, _event in events:
+            kicked = self.kick_owner.get(fd)
+            if kicked is not None:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.eventfd_read(fd)
+                    kicked.kicks += 1
+            elif fd in socks:
+                self._service_port(socks[fd])
+            elif fd == self.listener.fileno():
+                conn, _ = self.listener.accept()
+                self.controls[conn.fileno()] = conn
+                self.poller = None
+            elif fd in self.controls:
+                self._service_control(self.controls[fd])
+
+    def _service_port(self, port: VhostPort) -> None:
+        if port.id not in self.ports:
+            return
+        try:
+            alive = port.service_socket()
+        except (ProtocolError, QueueError) as exc:
+            self.remove_port(port, f"protocol error: {exc}", fault=True)
+            return
+        except OSError as exc:
+            self.remove_port(port, f"connection lost: {exc}")
+            return
+        if not alive:
+            self.remove_port(port, "peer closed the connection")
+
+    # -- control
+    def _service_control(self, conn: socket.socket) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(conn, MAX_CONTROL, 4)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            self.controls.pop(conn.fileno(), None)
+            conn.close()
+            self.poller = None
+            return
+        try:
+            reply = self._control(json.loads(data), fds)
+        except (ValueError, KeyError, TypeError) as exc:
+            for fd in fds:
+                os.close(fd)
+            reply = {"ok": False, "error": str(exc)}
+        with contextlib.suppress(OSError):
+            conn.send(json.dumps(reply).encode())
+
+    def _control(self, request: dict, fds: list[int]) -> dict:
+        op = request["op"]
+        if op == "add_port":
+            if len(fds) != 1:
+                raise ValueError(f"add_port needs exactly one fd, got {len(fds)}")
+            mac = vn.parse_mac(request["mac"]) if request.get("mac") else None
+            sock = socket.socket(fileno=fds[0])
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                sock.close()
+                raise ValueError("add_port: the fd is not a unix stream socket")
+            port = self.add_port(sock, mac, str(request.get("label", "")), int(request.get("peer_pid", 0)))
+            return {"ok": True, "port": port.id, "mac": vn.mac_text(port.mac)}
+        for fd in fds:
+            os.close(fd)
+        if op == "remove_port":
+            port = self.ports.get(int(request["port"]))
+            if port is None:
+                raise ValueError(f"no port {request['port']}")
+            self.remove_port(port, "removed by the daemon")
+            return {"ok": True}
+        if op == "stats":
+            return {"ok": True, **self.stats()}
+        if op == "quit":
+            self.stopping = True
+            return {"ok": True}
+        raise ValueError(f"unknown op {op!r}")
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        ports = [
+            {"port": p.id, "label": p.label, "mac": vn.mac_text(p.mac), "peer_pid": p.peer_pid,
+             "running": p.tx is not None and p.rx is not None, **p.counters()}
+            for p in self.ports.values()
+        ]
+        fdb = [{"mac": e.mac, "port": e.port, "age_s": e.age_s} for e in self.engine.fdb.entries(now)]
+        stats = {"ports": len(self.ports), "fdb_entries": len(fdb), "floods": self.engine.floods,
+                 "batches": self.engine.batches, "sleeps": self.sleeps, "wakeups": self.wakeups,
+                 "fdb_evictions": self.engine.fdb.evictions}
+        return {"ports": ports, "fdb": fdb, "stats": stats, "removed": list(self.removed)}
+
+    def close(self) -> None:
+        for port in list(self.ports.values()):
+            self.remove_port(port, "switch stopping")
+        for conn in self.controls.values():
+            conn.close()
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+
+
+class Control:
+    """The daemon's (and the tests') side of the control socket."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+
+    def request(self, request: dict, fds: tuple[int, ...] = ()) -> dict:
+        data = json.dumps(request).encode()
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.send(data)
+        reply = json.loads(self.sock.recv(1 << 20))
+        if not reply.get("ok"):
+            raise RuntimeError(f"switch refused {request.get('op')}: {reply.get('error')}")
+        return reply
+
+    def add_port(self, fd: int, *, mac: str | None = None, label: str = "", peer_pid: int = 0) -> dict:
+        return self.request({"op": "add_port", "mac": mac, "label": label, "peer_pid": peer_pid}, (fd,))
+
+    def stats(self) -> dict:
+        return self.request({"op": "stats"})
+
+    def close(self) -> None:
+        self.sock.close()
