@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from alacrity.vm import VM, VmSpec, choose_accel, default_image, list_vms, stop_vm, virtio_device
+from alacrity.vm.accel import choose_accel
 from alacrity.vm.cpio import CpioWriter, read_newc
-from alacrity.vm.image import GuestImage
+from alacrity.vm.image import GuestImage, default_image
+from alacrity.vm.machine import virtio_device
 from alacrity.vm.modules import parse_modules_dep, resolve
-from alacrity.vm.qemu import QEMU, build_command
+from alacrity.vm.qemu import QEMU, VM, VmSpec, build_command
 from alacrity.vm.qmp import QmpClient
-from alacrity.vm.runtime import VmError
+from alacrity.vm.runtime import VmError, list_vms, stop_vm
 
 needs_qemu = pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"{QEMU} not installed")
 

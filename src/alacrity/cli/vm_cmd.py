@@ -11,7 +11,6 @@ import time
 from alacrity import client
 from alacrity.cli.bus_cmd import join
 from alacrity.cli.main import UserError
-from alacrity.vm.image import ImageError, default_image
 from alacrity.vm.qemu import VM, VmSpec
 from alacrity.vm.runtime import VmError, list_vms, stop_vm
 
@@ -38,6 +37,8 @@ def guest_files(args: argparse.Namespace) -> tuple:
         return args.kernel, args.initrd
     if args.kernel or args.initrd:
         raise UserError("give both --kernel and --initrd, or neither for the default guest")
+    from alacrity.vm.image import ImageError, default_image
+
     try:
         image = default_image()
     except ImageError as exc:

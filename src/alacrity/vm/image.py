@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from . import initramfs
 from .modules import WANTED, select
 
@@ -198,6 +196,8 @@ def _run(cmd: list[str], cwd: Path | None = None) -> None:
 
 @contextmanager
 def _steps(progress: bool) -> Iterator[Callable[[str], None]]:
+    from tqdm import tqdm  # here: it is slow to import, and `vm run` rarely builds
+
     bar = tqdm(
         total=6,
         file=sys.stderr,
