@@ -117,6 +117,27 @@ class Daemon:
             ln -s ../../devices/{name} $A/buses/{bus}/{name}
         """)
 
+    @staticmethod
+    def vm_run_argv(bus: str, cmd: str, log: Path, image) -> list[str]:
+        """`alacrity vm run` of the default guest, its console to `log`."""
+        return [
+            sys.executable,
+            "-m",
+            "alacrity.cli",
+            "vm",
+            "run",
+            "--bus",
+            bus,
+            "--cmd",
+            cmd,
+            "--log",
+            str(log),
+            "--kernel",
+            str(image.kernel),
+            "--initrd",
+            str(image.initrd),
+        ]
+
     def in_bus(self, bus: str, code: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         """Run Python `code` in a new process that `alacrity bus exec` admits to `bus`."""
         return subprocess.run(

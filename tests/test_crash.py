@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import sys
 import time
 
 import pytest
@@ -39,23 +38,7 @@ def test_daemon_kill9_under_writing_guest(daemon, tmp_path, guest_image):
     daemon.make_disk("d1", "b1", image)
     console = tmp_path / "console.log"
     vm = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "alacrity.cli",
-            "vm",
-            "run",
-            "--bus",
-            "b1",
-            "--cmd",
-            GUEST,
-            "--log",
-            str(console),
-            "--kernel",
-            str(guest_image.kernel),
-            "--initrd",
-            str(guest_image.initrd),
-        ],
+        daemon.vm_run_argv("b1", GUEST, console, guest_image),
         env=daemon.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -24,23 +24,7 @@ READ_PATTERN = "dd if=/dev/vda bs=65536 skip=16 count=16 2>/dev/null | sha256sum
 def vm_run(daemon, bus: str, cmd: str, image, timeout: float = 240) -> tuple[int, str]:
     log = daemon.root / f"console-{bus}-{abs(hash(cmd)) % 10**6}.log"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "alacrity.cli",
-            "vm",
-            "run",
-            "--bus",
-            bus,
-            "--cmd",
-            cmd,
-            "--log",
-            str(log),
-            "--kernel",
-            str(image.kernel),
-            "--initrd",
-            str(image.initrd),
-        ],
+        daemon.vm_run_argv(bus, cmd, log, image),
         env=daemon.env,
         capture_output=True,
         text=True,

@@ -50,13 +50,9 @@ def _peer_ident(sock: socket.socket) -> int | None:
     """The pidfs inode of the process that connected, taken from the socket itself, so a
     pid reused after connect() cannot pass for the peer."""
     try:
-        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        return peers.pidfd_ident(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
     except OSError:
         return None
-    try:
-        return os.fstat(pidfd).st_ino
-    finally:
-        os.close(pidfd)
 
 
 class Gate:

@@ -72,13 +72,17 @@ def ident(pid: int) -> int | None:
     if not _pidfs():
         return None
     try:
-        fd = os.pidfd_open(pid)
+        return pidfd_ident(os.pidfd_open(pid))
     except OSError:
         return None
+
+
+def pidfd_ident(pidfd: int) -> int:
+    """The pidfs inode a pidfd refers to; closes the pidfd."""
     try:
-        return os.fstat(fd).st_ino
+        return os.fstat(pidfd).st_ino
     finally:
-        os.close(fd)
+        os.close(pidfd)
 
 
 @functools.cache

@@ -55,12 +55,10 @@ def need_event(event: int, new: int, old: int) -> bool:
 # half-written index. (x86 is little-endian, as virtio's rings are.)
 
 
-class AvailRing:
-    """flags, idx, ring[size], used_event — written by the driver."""
+class _Ring:
+    """The two 16-bit fields both rings start with."""
 
-    def __init__(self, view: memoryview, size: int) -> None:
-        self.u16 = view[: avail_ring_size(size)].cast("H")
-        self.size = size
+    u16: memoryview
 
     @property
     def flags(self) -> int:
@@ -77,6 +75,14 @@ class AvailRing:
     @idx.setter
     def idx(self, value: int) -> None:
         self.u16[1] = value
+
+
+class AvailRing(_Ring):
+    """flags, idx, ring[size], used_event — written by the driver."""
+
+    def __init__(self, view: memoryview, size: int) -> None:
+        self.u16 = view[: avail_ring_size(size)].cast("H")
+        self.size = size
 
     def head(self, slot: int) -> int:
         return self.u16[2 + slot]
@@ -93,29 +99,13 @@ class AvailRing:
         self.u16[2 + self.size] = value
 
 
-class UsedRing:
+class UsedRing(_Ring):
     """flags, idx, ring[size] of (id, len), avail_event — written by the device."""
 
     def __init__(self, view: memoryview, size: int) -> None:
         self.u16 = view[: used_ring_size(size)].cast("H")
         self.u32 = view[4 : 4 + 8 * size].cast("I")
         self.size = size
-
-    @property
-    def flags(self) -> int:
-        return self.u16[0]
-
-    @flags.setter
-    def flags(self, value: int) -> None:
-        self.u16[0] = value
-
-    @property
-    def idx(self) -> int:
-        return self.u16[1]
-
-    @idx.setter
-    def idx(self, value: int) -> None:
-        self.u16[1] = value
 
     def element(self, slot: int) -> tuple[int, int]:
         return self.u32[2 * slot], self.u32[2 * slot + 1]
