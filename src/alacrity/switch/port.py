@@ -5,6 +5,7 @@ its counters. `Port` is sans-I/O (the engine's tests drive it over in-memory rin
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
 import os
@@ -118,6 +119,21 @@ class NetSession(Session):
         raise NotImplementedError("the switch engine services net rings")
 
 
+_FD_ARRAY = array.array("i")
+
+
+def recv_fds_nowait(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
+    """`socket.recv_fds` without blocking (in Python 3.11 it drops its `flags` argument)."""
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        size, socket.CMSG_LEN(MAX_FDS * _FD_ARRAY.itemsize), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+    )
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds)
+
+
 class VhostPort(Port):
     """A port whose driver speaks vhost-user on `sock` (a VM's QEMU or a NetClient).
 
@@ -147,9 +163,7 @@ class VhostPort(Port):
         """Read what the peer sent; False when the peer closed the connection."""
         for _ in range(max_messages):
             try:
-                data, fds, _flags, _addr = socket.recv_fds(
-                    self.sock, self.framer.pending(), MAX_FDS, socket.MSG_DONTWAIT
-                )
+                data, fds = recv_fds_nowait(self.sock, self.framer.pending())
             except BlockingIOError:
                 return True
             if not data:
