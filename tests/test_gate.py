@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -127,3 +128,18 @@ def test_control_socket_rejects_garbage(daemon):
         s.sendall(b'{"op": "whoami"}\n')
         reply = json.loads(s.makefile().readline())
     assert reply["pid"] == os.getpid() and reply["bus"] is None
+
+
+def test_control_socket_refuses_an_endless_line(daemon):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(daemon.run_dir / "control.sock"))
+        # No newline: the daemon must not buffer it whole. Closing on us is the refusal.
+        with contextlib.suppress(OSError):
+            s.sendall(b"x" * (1 << 20))
+        try:
+            closed = s.recv(4096) == b""
+        except ConnectionResetError:
+            closed = True
+    assert closed
+    assert "control request over" in daemon.log.read_text()

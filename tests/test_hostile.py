@@ -347,6 +347,11 @@ def blk_model(req, image: bytearray, readonly: bool, serial: bytes):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(reqs=st.lists(blk_request(), min_size=1, max_size=4), readonly=st.booleans())
 def test_blk_device_fed_hostile_chains(reqs, readonly: bool) -> None:
+    _blk_attack(reqs, readonly)
+
+
+def _blk_attack(reqs, readonly: bool) -> None:
+    """A blk session on a real image file and a real memfd guest, fed `reqs`."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "disk.img")
         with open(path, "wb") as f:
@@ -449,21 +454,7 @@ def test_blk_empty_writable_buffer_before_the_status_byte() -> None:
     crashed on it with IndexError (split() leaves the empty view first in `status_view`),
     which escapes RingWorker.run and kills the ring thread without failing the connection."""
     reqs = [([vb.REQUEST_HEADER.pack(vb.T_FLUSH, 0, 0)], [0, 1])]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "disk.img")
-        with open(path, "wb") as f:
-            f.write(image_bytes())
-        dev = BlkDevice("hostile")
-        dev.set_attribute("path", path)
-        session = dev.open(os.getpid())
-        fd = memfd(GUEST)
-        table = MemoryTable.map([(0, GUEST, UVA, 0)], [fd])
-        os.close(fd)
-        try:
-            _run_blk_requests(session, table, reqs, False, path)
-        finally:
-            session.close()
-            table.release()
+    _blk_attack(reqs, False)
 
 
 # --------------------------------------------------------------------------------------

@@ -198,8 +198,10 @@ class Gate:
         peer = peer_of(sock)
         bus = self._member_bus(peer)
         with sock, sock.makefile("rwb") as stream:
-            for line in stream:
+            # Bounded read: a line is checked before it can grow without limit.
+            while line := stream.readline(MAX_REQUEST + 1):
                 if len(line) > MAX_REQUEST:
+                    log.warning("control request over %d bytes from pid %d: closed", MAX_REQUEST, peer.pid)
                     return
                 try:
                     request = json.loads(line)

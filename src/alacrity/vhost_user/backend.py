@@ -91,6 +91,13 @@ class Backend:
     def offered_features(self) -> int:
         return self.session.device_features | TRANSPORT_FEATURES
 
+    def _stopped_vring(self, index: int) -> Vring:
+        """A ring whose size, addresses or base may change: not while it runs."""
+        vring = self._vring(index)
+        if vring.queue is not None:
+            raise ProtocolError(f"ring {index} is running: stop it (GET_VRING_BASE) before changing it")
+        return vring
+
     def _vring(self, index: int) -> Vring:
         if index >= len(self.vrings):
             raise ProtocolError(f"ring {index} does not exist (device has {len(self.vrings)})")
@@ -190,7 +197,7 @@ class Backend:
 
     def _set_vring_num(self, msg: Message) -> None:
         index, num = unpack_exact(VRING_STATE, msg.payload, msg.request)
-        vring = self._vring(index)
+        vring = self._stopped_vring(index)
         if not valid_size(num) or num > self.session.max_queue_size:
             raise ProtocolError(
                 f"ring {index}: size {num} (power of two up to {self.session.max_queue_size})"
@@ -199,14 +206,14 @@ class Backend:
 
     def _set_vring_addr(self, msg: Message) -> None:
         index, _flags, desc, used, avail, _log = unpack_exact(VRING_ADDR, msg.payload, msg.request)
-        vring = self._vring(index)
+        vring = self._stopped_vring(index)
         if desc % 16 or used % 4 or avail % 2:
             raise ProtocolError(f"ring {index}: misaligned ring addresses")
         vring.addrs = (desc, used, avail)
 
     def _set_vring_base(self, msg: Message) -> None:
         index, num = unpack_exact(VRING_STATE, msg.payload, msg.request)
-        vring = self._vring(index)
+        vring = self._stopped_vring(index)
         if num > 0xFFFF:
             raise ProtocolError(f"ring {index}: base {num} beyond 16 bits")
         vring.base = num
