@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from alacrity.bus.model import Model
+from alacrity.devices.base import Device
 from alacrity.errors import AdminError, invalid
 
 BUS_FILES = ("members", "devices", "state", "connections")
@@ -86,6 +87,11 @@ def _device_node(model: Model, rest: list[str]) -> Node:
         if dev is not None:
             for key in dev.state():
                 found[key] = Node("file", read=lambda k=key: f"{dev.state().get(k, '')}\n")
+            for key, view in dev.views().items():
+                if isinstance(view, dict):
+                    found[key] = Node("dir", entries=lambda k=key: sorted(_view_dir(dev, k), key=_natural))
+                else:
+                    found[key] = Node("file", read=lambda k=key: str(dev.views().get(k, "")))
             for attr in dev.attributes:
                 found[attr.name] = Node(
                     "file",
@@ -104,7 +110,20 @@ def _device_node(model: Model, rest: list[str]) -> Node:
         return Node("dir", entries=lambda: sorted(files()))
     if len(rest) == 2 and rest[1] in (found := files()):
         return found[rest[1]]
+    if len(rest) == 3 and entry.instance is not None:
+        dev = entry.instance
+        if rest[2] in _view_dir(dev, rest[1]):
+            return Node("file", read=lambda: _view_dir(dev, rest[1]).get(rest[2], ""))
     raise Missing(rest[-1])
+
+
+def _view_dir(dev: Device, name: str) -> dict[str, str]:
+    view = dev.views().get(name)
+    return view if isinstance(view, dict) else {}
+
+
+def _natural(name: str) -> tuple[int, str]:
+    return (int(name), "") if name.isdigit() else (1 << 62, name)
 
 
 def _bus_node(model: Model, rest: list[str]) -> Node:

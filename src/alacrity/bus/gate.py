@@ -177,6 +177,10 @@ class Gate:
             instance = self.model.device(device).instance
             if instance is None:
                 raise AdminError(errno.ENOENT, "device has no type")
+            if instance.adopts_connections:
+                instance.adopt(sock, peer.pid, f"{device}[pid {peer.pid}]")
+                log.info("pid %d on bus %s connected to %s", peer.pid, bus, device)
+                return None
             session = instance.open(peer.pid)
         except AdminError as exc:
             return self.refuse(sock, f"device {device}", peer, exc.message)

@@ -15,12 +15,16 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from alacrity.client.blk import BlkClient, BlkError
+from alacrity.client.net import NetClient, NetError
 from alacrity.vhost_user.messages import ProtocolError
 
-__all__ = ["Bus", "DeviceInfo", "GateError", "BlkClient", "BlkError", "connect", "DEFAULT_RUN_DIR"]
+__all__ = ["Bus", "DeviceInfo", "GateError", "BlkClient", "BlkError", "NetClient", "NetError", "connect",
+           "DEFAULT_RUN_DIR"]
 
+DRIVERS: dict[str, Any] = {"blk": BlkClient, "switch": NetClient}
 DEFAULT_RUN_DIR = Path(os.environ.get("ALACRITY_RUN_DIR", "/run/alacrityd"))
 
 
@@ -64,14 +68,18 @@ class Bus:
         known = ", ".join(d.name for d in self.devices) or "none"
         raise GateError(f"bus {self.name} has no device {name!r} (it has: {known})")
 
-    def open(self, name: str, **options: int) -> BlkClient:
+    def open(self, name: str, **options: Any) -> Any:
+        """Connect to device `name`: a `BlkClient` for a blk device, a `NetClient` (a new
+        port) for a switch. `options` go to the client's constructor."""
         info = self.device(name)
-        if info.device_class != "blk":
-            raise GateError(f"device {name} is a {info.device_class}; this client drives blk")
+        driver = DRIVERS.get(info.device_class)
+        if driver is None:
+            known = ", ".join(DRIVERS)
+            raise GateError(f"device {name} is a {info.device_class}; this client drives: {known}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(info.socket)
-            return BlkClient(sock, **options)
+            return driver(sock, **options)
         except (OSError, ProtocolError) as exc:
             sock.close()
             raise GateError(f"device {name}: refused by the gate or the device ({exc})") from None

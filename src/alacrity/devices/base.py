@@ -9,6 +9,7 @@ The admin tree shows its `attributes` as files; the vhost-user layer opens a
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,9 @@ class Device:
     class_name: ClassVar[str] = ""
     attributes: ClassVar[tuple[Attribute, ...]] = ()
     summary: ClassVar[str] = ""
+    #: True: the gate hands each admitted connection to `adopt()` (the device serves it
+    #: elsewhere, e.g. in its own process) instead of serving `open()`'s session itself.
+    adopts_connections: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -135,6 +139,11 @@ class Device:
         shown["last_error"] = self.last_error
         return shown
 
+    def views(self) -> dict[str, str | dict[str, str]]:
+        """Read-only views beyond `state()`: a name maps to a file's text, or to a
+        directory of file texts (e.g. a switch's ports/)."""
+        return {}
+
     def count(self, name: str, amount: int = 1) -> None:
         with self.lock:
             self.counters[name] = self.counters.get(name, 0) + amount
@@ -147,6 +156,12 @@ class Device:
     def open(self, peer_pid: int) -> Session:
         """A client on one of the device's buses connected: make its session.
         Raise AdminError (EBUSY) to refuse, e.g. a second writer of a disk."""
+        raise NotImplementedError
+
+    def adopt(self, sock: socket.socket, peer_pid: int, label: str) -> None:
+        """Take over an admitted connection (only if `adopts_connections`). The device
+        owns `sock` from here, also on failure. Raise AdminError to refuse."""
+        sock.close()
         raise NotImplementedError
 
     def release(self, session: Session) -> None:

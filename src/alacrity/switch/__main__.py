@@ -1,30 +1,74 @@
-"""`python -m alacrity.switch --control SOCK`: run one switch process."""
+"""`python -m alacrity.switch`: run one switch process (alacrityd starts one per switch device).
+
+Started by root, it drops every privilege before it serves a frame: it keeps only
+the control socket, and everything else it needs (vhost-user connections, guest
+memory, eventfds, the tap) arrives later as file descriptors from the daemon.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
+import pwd
 import signal
+import socket
 import sys
 
 from alacrity.switch.process import DEFAULT_PREFIX, POLL_BUDGET_S, Switch
 
+log = logging.getLogger("alacrity.switch")
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def drop_privileges(user: str) -> None:
+    """Become `user` with no supplementary groups and no way back (NO_NEW_PRIVS).
+    Everything the process imports must be imported before this: the code may live
+    where `user` cannot read."""
+    if os.geteuid() == 0:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise SystemExit(f"switch: no user {user!r}; pass --user with an existing one") from None
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    os.chdir("/")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alacrity.switch", description=__doc__)
-    parser.add_argument("--control", required=True, help="path of the control socket to create")
+    parser = argparse.ArgumentParser(prog="python -m alacrity.switch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--control", help="path of a control socket to create and listen on")
+    where.add_argument("--control-fd", type=int, help="an inherited, connected SOCK_SEQPACKET control socket")
+    parser.add_argument("--user", default="nobody",
+                        help="user to become after start-up, when started as root (default: nobody)")
     parser.add_argument("--mtu", type=int, default=1500)
-    parser.add_argument("--mac-prefix", default=DEFAULT_PREFIX)
+    parser.add_argument("--mac-prefix", default=DEFAULT_PREFIX, help="prefix of the MACs given to ports")
     parser.add_argument("--ageing", type=float, default=300.0, help="FDB ageing time in seconds")
-    parser.add_argument("--offloads", action="store_true", help="offer CSUM and TSO4/6 (passed through)")
+    parser.add_argument("--offloads", action=argparse.BooleanOptionalAction, default=True,
+                        help="offer CSUM and TSO4/6 to ports (default: on)")
     parser.add_argument("--poll-us", type=float, default=POLL_BUDGET_S * 1e6,
                         help="busy-poll budget after the last frame, in microseconds")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s switch[%(process)d] %(levelname)s %(message)s")
-    switch = Switch(args.control, mtu=args.mtu, mac_prefix=args.mac_prefix, ageing_s=args.ageing,
-                    offloads=args.offloads, poll_budget_s=args.poll_us * 1e-6)
+    control = args.control
+    if args.control_fd is not None:
+        control = socket.socket(fileno=args.control_fd)
+    try:
+        switch = Switch(control, mtu=args.mtu, mac_prefix=args.mac_prefix, ageing_s=args.ageing,
+                        offloads=args.offloads, poll_budget_s=args.poll_us * 1e-6)
+    except ValueError as exc:
+        parser.error(str(exc))
+    drop_privileges(args.user)
+    log.info("serving as uid %d", os.getuid())
 
     def stop(*_: object) -> None:
         switch.stopping = True

@@ -1,12 +1,17 @@
 """The switch as its own process: one thread, run-to-completion.
 
-    python -m alacrity.switch --control /run/alacrityd/switch0.ctl
+    python -m alacrity.switch --control /tmp/switch0.ctl       # tests, benchmarks
+    python -m alacrity.switch --control-fd 3 --user nobody    # started by alacrityd
 
-The control socket (AF_UNIX, SOCK_SEQPACKET) takes one JSON object per packet:
+The control socket (AF_UNIX, SOCK_SEQPACKET) takes one JSON object per packet, and
+every reply echoes the request's `seq`:
 - `{"op": "add_port", "label": L, "mac": M|null, "peer_pid": P}` with one fd (SCM_RIGHTS):
   an already-accepted vhost-user connection, which becomes a port. Reply
   `{"ok": true, "port": ID, "mac": "..."}`.
-- `{"op": "remove_port", "port": ID}`, `{"op": "stats"}` (ports, fdb, stats), `{"op": "quit"}`.
+- `{"op": "add_uplink", "label": L}` with one fd: a tap opened by the daemon (IFF_VNET_HDR).
+- `{"op": "remove_uplink"}`, `{"op": "set", "ageing_s": S}`, `{"op": "remove_port", "port": ID}`,
+  `{"op": "stats"}` (ports, fdb, stats), `{"op": "quit"}`.
+With `--control-fd`, the daemon's end closing means the daemon is gone: the switch exits.
 Errors are answered `{"ok": false, "error": "..."}`.
 
 The loop forwards while there is work, busy-polls for `poll_budget_s` after the last
@@ -25,9 +30,15 @@ import select
 import socket
 import time
 
+from alacrity.switch.control import DEFAULT_PREFIX, Control
 from alacrity.switch.engine import BATCH, Engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import VhostPort
+
+try:  # TEMP until switch/tap.py lands
+    from alacrity.switch.tap import TapPort
+except ImportError:
+    TapPort = None  # type: ignore[assignment,misc]
 from alacrity.vhost_user.messages import ProtocolError
 from alacrity.virtio import net as vn
 from alacrity.virtio.ring import QueueError
@@ -37,12 +48,11 @@ log = logging.getLogger("alacrity.switch")
 POLL_BUDGET_S = 200e-6
 IO_CHECK_S = 1e-3  # under load, look at sockets this often
 MAX_CONTROL = 65536
-DEFAULT_PREFIX = "02:a1:ac"
 
 
 class Switch:
-    def __init__(self, control_path: str, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
-                 ageing_s: float = 300.0, offloads: bool = False, batch: int = BATCH,
+    def __init__(self, control: str | socket.socket, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
+                 ageing_s: float = 300.0, offloads: bool = True, batch: int = BATCH,
                  poll_budget_s: float = POLL_BUDGET_S) -> None:
         prefix = bytes(int(p, 16) for p in mac_prefix.split(":"))
         if not 1 <= len(prefix) <= 5 or prefix[0] & 1:
@@ -53,14 +63,24 @@ class Switch:
         self.poll_budget_s = poll_budget_s
         self.engine = Engine(Fdb(ageing_s=ageing_s), batch=batch)
         self.ports: dict[int, VhostPort] = {}
+        self.uplink: TapPort | None = None
         self.next_id = 1
-        self.control_path = control_path
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(control_path)
-        self.listener.bind(control_path)
-        self.listener.listen(8)
         self.controls: dict[int, socket.socket] = {}
+        self.control_path: str | None = None
+        self.listener: socket.socket | None = None
+        self.owner: socket.socket | None = None
+        if isinstance(control, socket.socket):
+            # The daemon's end of a socketpair: when it closes, the daemon is gone and so are we.
+            self.owner = control
+            self.controls[control.fileno()] = control
+            _roomy(control)
+        else:
+            self.control_path = control
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(control)
+            self.listener.bind(control)
+            self.listener.listen(8)
         self.poller: select.poll | None = None
         self.kick_owner: dict[int, VhostPort] = {}
         self.stopping = False
@@ -94,6 +114,21 @@ class Switch:
         self.removed.append({"port": port.id, "label": port.label, "reason": reason})
         del self.removed[:-32]
         port.close()
+        self.poller = None
+
+    def set_uplink(self, fd: int | None, label: str = "uplink") -> None:
+        """Make the tap `fd` (opened by the daemon) the uplink port, or drop the uplink."""
+        if self.uplink is not None:
+            self.engine.remove_port(self.uplink.id)
+            log.info("%s: uplink port %d removed", self.uplink.label, self.uplink.id)
+            self.uplink.close()
+            self.uplink = None
+        if fd is not None:
+            port_id = self.next_id
+            self.next_id += 1
+            self.uplink = TapPort(port_id, fd, mtu=self.mtu, label=label)
+            self.engine.add_port(self.uplink)
+            log.info("%s: uplink port %d added", label, port_id)
         self.poller = None
 
     # -- the loop
@@ -138,7 +173,10 @@ class Switch:
 
     def _build_poller(self) -> select.poll:
         poller = select.poll()
-        poller.register(self.listener, select.POLLIN)
+        if self.listener is not None:
+            poller.register(self.listener, select.POLLIN)
+        if self.uplink is not None:
+            poller.register(self.uplink.fileno(), select.POLLIN)  # a wake-up only: the engine reads it
         for fd in self.controls:
             poller.register(fd, select.POLLIN)
         self.kick_owner = {}
@@ -165,8 +203,9 @@ class Switch:
                     kicked.kicks += 1
             elif fd in socks:
                 self._service_port(socks[fd])
-            elif fd == self.listener.fileno():
+            elif self.listener is not None and fd == self.listener.fileno():
                 conn, _ = self.listener.accept()
+                _roomy(conn)
                 self.controls[conn.fileno()] = conn
                 self.poller = None
             elif fd in self.controls:
@@ -195,16 +234,25 @@ class Switch:
         if not data:
             for fd in fds:
                 os.close(fd)
+            if conn is self.owner:
+                log.info("the daemon closed the control socket: stopping")
+                self.stopping = True
+                return
             self.controls.pop(conn.fileno(), None)
             conn.close()
             self.poller = None
             return
+        seq = None
         try:
-            reply = self._control(json.loads(data), fds)
-        except (ValueError, KeyError, TypeError) as exc:
+            request = json.loads(data)
+            seq = request.get("seq")
+            reply = self._control(request, fds)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
             for fd in fds:
-                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             reply = {"ok": False, "error": str(exc)}
+        reply["seq"] = seq
         with contextlib.suppress(OSError):
             conn.send(json.dumps(reply).encode())
 
@@ -220,8 +268,20 @@ class Switch:
                 raise ValueError("add_port: the fd is not a unix stream socket")
             port = self.add_port(sock, mac, str(request.get("label", "")), int(request.get("peer_pid", 0)))
             return {"ok": True, "port": port.id, "mac": vn.mac_text(port.mac)}
+        if op == "add_uplink":
+            if len(fds) != 1:
+                raise ValueError(f"add_uplink needs exactly one fd, got {len(fds)}")
+            self.set_uplink(fds[0], str(request.get("label", "uplink")))
+            return {"ok": True, "port": self.uplink.id}  # type: ignore[union-attr]
         for fd in fds:
             os.close(fd)
+        if op == "remove_uplink":
+            self.set_uplink(None)
+            return {"ok": True}
+        if op == "set":
+            if "ageing_s" in request:
+                self.engine.fdb.ageing_s = float(request["ageing_s"])
+            return {"ok": True}
         if op == "remove_port":
             port = self.ports.get(int(request["port"]))
             if port is None:
@@ -237,12 +297,21 @@ class Switch:
 
     def stats(self) -> dict:
         now = time.monotonic()
+        learned: dict[int, list[str]] = {}
+        fdb = []
+        for e in self.engine.fdb.entries(now):
+            learned.setdefault(e.port, []).append(e.mac)
+            fdb.append({"mac": e.mac, "port": e.port, "age_s": e.age_s})
         ports = [
             {"port": p.id, "label": p.label, "mac": vn.mac_text(p.mac), "peer_pid": p.peer_pid,
-             "running": p.tx is not None and p.rx is not None, **p.counters()}
+             "running": p.tx is not None and p.rx is not None, "learned": learned.get(p.id, []),
+             **p.counters()}
             for p in self.ports.values()
         ]
-        fdb = [{"mac": e.mac, "port": e.port, "age_s": e.age_s} for e in self.engine.fdb.entries(now)]
+        if self.uplink is not None:
+            up = self.uplink
+            ports.append({"port": up.id, "label": up.label, "mac": "", "peer_pid": 0, "running": True,
+                          "uplink": True, "learned": learned.get(up.id, []), **up.counters()})
         stats = {"ports": len(self.ports), "fdb_entries": len(fdb), "floods": self.engine.floods,
                  "batches": self.engine.batches, "sleeps": self.sleeps, "wakeups": self.wakeups,
                  "fdb_evictions": self.engine.fdb.evictions}
@@ -251,37 +320,20 @@ class Switch:
     def close(self) -> None:
         for port in list(self.ports.values()):
             self.remove_port(port, "switch stopping")
+        self.set_uplink(None)
         for conn in self.controls.values():
             conn.close()
-        self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.control_path)
+        if self.listener is not None:
+            self.listener.close()
+        if self.control_path is not None:
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.unlink(self.control_path)
 
 
-class Control:
-    """The daemon's (and the tests') side of the control socket."""
+def _roomy(sock: socket.socket) -> None:
+    """A stats reply (ports and FDB) is one packet: give it room."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 21)
 
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
 
-    def request(self, request: dict, fds: tuple[int, ...] = ()) -> dict:
-        data = json.dumps(request).encode()
-        if fds:
-            socket.send_fds(self.sock, [data], list(fds))
-        else:
-            self.sock.send(data)
-        reply = json.loads(self.sock.recv(1 << 20))
-        if not reply.get("ok"):
-            raise RuntimeError(f"switch refused {request.get('op')}: {reply.get('error')}")
-        return reply
-
-    def add_port(self, fd: int, *, mac: str | None = None, label: str = "", peer_pid: int = 0) -> dict:
-        return self.request({"op": "add_port", "mac": mac, "label": label, "peer_pid": peer_pid}, (fd,))
-
-    def stats(self) -> dict:
-        return self.request({"op": "stats"})
-
-    def close(self) -> None:
-        self.sock.close()
+__all__ = ["Control", "DEFAULT_PREFIX", "POLL_BUDGET_S", "Switch"]
