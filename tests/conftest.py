@@ -117,6 +117,14 @@ class Daemon:
             ln -s ../../devices/{name} $A/buses/{bus}/{name}
         """)
 
+    def make_switch(self, name: str, buses: list[str], extra: str = "") -> None:
+        links = "".join(
+            f"[ -d $A/buses/{bus} ] || mkdir $A/buses/{bus}\n"
+            f"ln -s ../../devices/{name} $A/buses/{bus}/{name}\n"
+            for bus in buses
+        )
+        self.sh(f"mkdir $A/devices/{name}\necho switch > $A/devices/{name}/type\n{extra}\n{links}")
+
     @staticmethod
     def vm_run_argv(bus: str, cmd: str, log: Path, image) -> list[str]:
         """`alacrity vm run` of the default guest, its console to `log`."""
