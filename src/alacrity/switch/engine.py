@@ -11,16 +11,31 @@ Punishment follows the fault: a broken TX ring or a header that lies about the
 frame breaks the sender (`port.broken` is set and the port is reported by
 `take_broken()`); a broken RX ring breaks the receiver; a full RX ring is a
 counted drop for that receiver. Nothing here blocks or waits.
+
+Offloads: a frame with NEEDS_CSUM or a GSO type goes whole (with its header) to a
+receiver that negotiated the matching GUEST_* features; a receiver without them gets
+the checksum completed, or the TCP segments cut, in software (switch/offload.py). A GSO
+frame is checked against its headers as it leaves the sender (a lie breaks the sender,
+whoever receives it) and then forwarded from that checked copy; it is cut at most once,
+however many receivers need the segments.
+
+Tap ports (switch/tap.py) have no rings: the engine reads a batch of frames from the tap
+fd and forwards them like TX chains, and writes frames to it. A tap is the kernel, not a
+guest: a frame from it that fails the checks is dropped and counted (`tx_errors`), and
+only an unexpected error on the fd breaks the port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from alacrity.switch.fdb import Fdb
+from alacrity.switch.offload import PortFault, Unsegmentable, complete_csum, parse_gso, segment_tcp
 from alacrity.switch.port import RX, TX, Port
+from alacrity.switch.tap import TapPort
 from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import Chain, DeviceQueue
 from alacrity.virtio.ring import QueueError
@@ -30,14 +45,13 @@ log = logging.getLogger("alacrity.switch")
 BATCH = 64
 HEADER = vn.HEADER
 _GSO_TYPES = (vn.GSO_TCPV4, vn.GSO_UDP, vn.GSO_TCPV6)
+_PLAIN = (0, vn.GSO_NONE, 0, 0, 0, 0)  # the header of a frame with no offload left to do
 
 
-class PortFault(Exception):
-    """The port broke the rules; it must be removed."""
+def check_header(port: Port, fields: tuple, length: int) -> int:
+    """Raise PortFault unless the TX header `fields` is believable for a frame of `length` bytes.
 
-
-def check_header(port: Port, fields: tuple, length: int) -> None:
-    """Raise PortFault unless the TX header `fields` is believable for a frame of `length` bytes."""
+    Returns non-zero if the frame asks for an offload (NEEDS_CSUM or GSO)."""
     flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = fields[:6]
     if length < vn.ETH_HLEN:
         raise PortFault(f"frame of {length} bytes, shorter than an Ethernet header")
@@ -56,7 +70,7 @@ def check_header(port: Port, fields: tuple, length: int) -> None:
             raise PortFault(f"gso_size {gso_size} on a frame without GSO")
         if length > port.max_frame:
             raise PortFault(f"frame of {length} bytes over the port's maximum {port.max_frame}")
-        return
+        return flags & vn.HDR_F_NEEDS_CSUM
     if base not in _GSO_TYPES or not port.host_gso[base]:
         raise PortFault(f"GSO type {gso_type:#x} was not negotiated")
     if not flags & vn.HDR_F_NEEDS_CSUM:
@@ -65,6 +79,7 @@ def check_header(port: Port, fields: tuple, length: int) -> None:
         raise PortFault(f"gso_size {gso_size} for a frame of {length} bytes")
     if hdr_len >= length:
         raise PortFault(f"hdr_len {hdr_len} leaves no payload in a GSO frame of {length} bytes")
+    return 1
 
 
 def _read_tx(port: Port, chain: Chain) -> tuple[tuple, list[memoryview], int]:
@@ -95,6 +110,27 @@ def _addresses(segs: list[memoryview]) -> tuple[bytes, bytes]:
     return bytes(first[0:6]), bytes(first[6:12])
 
 
+def _joined(segs: list[memoryview]) -> bytes:
+    """A copy of the frame: what is checked is what is sent, whatever the sender writes meanwhile."""
+    return bytes(segs[0]) if len(segs) == 1 else b"".join(segs)
+
+
+def _flat(segs: list[memoryview]) -> memoryview | bytes:
+    return segs[0] if len(segs) == 1 else b"".join(segs)
+
+
+def _takes_whole(dst: Port, gso_type: int) -> bool:
+    """Does `dst` accept a frame with NEEDS_CSUM (and this GSO type) as it is?"""
+    if not dst.guest_csum:
+        return False
+    if gso_type:
+        if not dst.guest_gso.get(gso_type & ~vn.GSO_ECN):
+            return False
+        if gso_type & vn.GSO_ECN and not dst.features >> vn.F_GUEST_ECN & 1:
+            return False
+    return True
+
+
 class Engine:
     def __init__(self, fdb: Fdb | None = None, *, batch: int = BATCH,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -102,16 +138,27 @@ class Engine:
         self.batch = batch
         self.clock = clock
         self.ports: dict[int, Port] = {}
+        self.taps: dict[int, TapPort] = {}
         self.broken: list[Port] = []
         self.floods = 0
         self.batches = 0
+        self.segmented = 0  # GSO frames cut in software (once each, however many receivers)
+        self.completed = 0  # partial checksums completed in software
+        # The frame being forwarded on the offload path: its (checked) segments, what
+        # `parse_gso` found, and the software-offloaded frames once made (or why not).
+        self._soft_segs: list[memoryview] | None = None
+        self._soft_gso = None
+        self._soft_frames: list | Unsegmentable | None = None
 
     # -- ports
     def add_port(self, port: Port) -> None:
         self.ports[port.id] = port
+        if isinstance(port, TapPort):
+            self.taps[port.id] = port
 
     def remove_port(self, port_id: int) -> Port | None:
         port = self.ports.pop(port_id, None)
+        self.taps.pop(port_id, None)
         self.fdb.forget_port(port_id)
         return port
 
@@ -132,7 +179,7 @@ class Engine:
 
     # -- the loop body
     def poll_once(self) -> int:
-        """Forward one batch from every port; returns the number of TX chains consumed."""
+        """Forward one batch from every port; returns the number of frames consumed."""
         now = self.clock()
         touched: dict[tuple[Port, int], DeviceQueue] = {}
         work = 0
@@ -148,6 +195,10 @@ class Engine:
             if done:
                 work += done
                 touched[(port, TX)] = txq
+        if self.taps:
+            for tap in list(self.taps.values()):
+                if tap.broken is None:
+                    work += self._drain_tap(tap, now, touched)
         for (port, index), queue in touched.items():
             if port.broken is None and queue.needs_notify():
                 port.signal(index)
@@ -164,7 +215,12 @@ class Engine:
             if chain is None:
                 break
             fields, segs, length = _read_tx(port, chain)
-            check_header(port, fields, length)
+            if check_header(port, fields, length):
+                self._forward_offload(port, fields, segs, length, now, touched)
+                txq.push(chain.head, 0)
+                done += 1
+                continue
+            # What `_forward` does, inlined: this is the hot path.
             dst, src = _addresses(segs)
             if not src[0] & 1:
                 fdb.learn(src, port.id, now)
@@ -189,17 +245,87 @@ class Engine:
                 port.tx_dropped += 1
         return done
 
+    def _forward(self, port: Port, fields: tuple, segs: list[memoryview], length: int, now: float,
+                 touched: dict) -> None:
+        """Learn the source, look up the destination, deliver (or flood) one frame from `port`."""
+        dst, src = _addresses(segs)
+        if not src[0] & 1:
+            self.fdb.learn(src, port.id, now)
+        out = None if dst[0] & 1 else self.fdb.lookup(dst, now)
+        receivers = 0
+        if out is None:
+            self.floods += 1
+            for other in list(self.ports.values()):
+                if other is not port:
+                    receivers += 1
+                    self._deliver(fields, segs, length, other, touched)
+        elif out != port.id:
+            other = self.ports.get(out)
+            if other is not None:
+                receivers = 1
+                self._deliver(fields, segs, length, other, touched)
+        port.tx_packets += 1
+        port.tx_bytes += length
+        if not receivers:
+            port.tx_dropped += 1
+
+    def _forward_offload(self, port: Port, fields: tuple, segs: list[memoryview], length: int, now: float,
+                         touched: dict) -> None:
+        """`_forward` for a frame with NEEDS_CSUM or GSO. A GSO frame is checked first (PortFault
+        before anyone received it) and forwarded from the checked copy, which the sender can no
+        longer change under us."""
+        gso = None
+        if fields[1]:
+            frame = _joined(segs)
+            with contextlib.suppress(Unsegmentable):  # believable, but it can only go whole
+                gso = parse_gso(frame, fields)
+            segs = [memoryview(frame)]
+        self._soft_segs, self._soft_gso, self._soft_frames = segs, gso, None
+        try:
+            self._forward(port, fields, segs, length, now, touched)
+        finally:
+            # Let go of the sender's buffers (guest memory must be unmappable).
+            self._soft_segs = self._soft_gso = self._soft_frames = None
+
+    def _drain_tap(self, tap: TapPort, now: float, touched: dict) -> int:
+        """Read and forward up to a batch of frames from a tap."""
+        done = 0
+        for _ in range(self.batch):
+            try:
+                n = tap.read()
+            except OSError as exc:
+                self._break(tap, f"read: {exc}")
+                break
+            if n is None:
+                break
+            done += 1
+            try:
+                if n < HEADER.size:
+                    raise PortFault(f"read of {n} bytes, shorter than the virtio-net header")
+                fields = HEADER.unpack_from(tap.buf)
+                segs = [tap.view[HEADER.size : n]]
+                length = n - HEADER.size
+                if check_header(tap, fields, length):
+                    self._forward_offload(tap, fields, segs, length, now, touched)
+                else:
+                    self._forward(tap, fields, segs, length, now, touched)
+            except PortFault as exc:
+                tap.tx_errors += 1
+                if tap.tx_errors <= 10 or tap.tx_errors % 1000 == 0:
+                    log.warning("%s: frame dropped (%d so far): %s", tap.label, tap.tx_errors, exc)
+        return done
+
     def _deliver(self, fields: tuple, segs: list[memoryview], length: int, dst: Port, touched: dict) -> bool:
         """Copy one frame into `dst`'s RX ring; False (and a counted drop) if it does not fit."""
         rxq = dst.rx
         if rxq is None or dst.broken:
+            if dst.broken is None and isinstance(dst, TapPort):
+                return self._deliver_tap(fields, segs, length, dst)
             dst.rx_dropped += 1
             return False
         flags, gso_type = fields[0] & vn.HDR_F_NEEDS_CSUM, fields[1]
-        if (flags and not dst.guest_csum) or (gso_type and not dst.guest_gso[gso_type & ~vn.GSO_ECN]):
-            # TODO(issue 3): segment GSO frames / complete checksums for such receivers.
-            dst.rx_dropped_offload += 1
-            return False
+        if (flags or gso_type) and not _takes_whole(dst, gso_type):
+            return self._deliver_soft(fields, segs, dst, touched)
         hs = dst.hdr_size
         need = hs + length
         start = rxq.last_avail
@@ -241,6 +367,54 @@ class Engine:
         dst.rx_packets += 1
         dst.rx_bytes += length
         touched[(dst, RX)] = rxq
+        return True
+
+    def _deliver_soft(self, fields: tuple, segs: list[memoryview], dst: Port, touched: dict) -> bool:
+        """Deliver the frame to a receiver lacking its offload: segments, or the checksum completed."""
+        frames = self._soft_frames if self._soft_segs is segs else None
+        if frames is None:
+            frames = self._soft(fields, segs)
+            if self._soft_segs is segs:
+                self._soft_frames = frames
+        if isinstance(frames, Unsegmentable) or max(len(f) for f in frames) > dst.max_frame:
+            dst.rx_dropped_offload += 1
+            return False
+        ok = True
+        for frame in frames:
+            ok = self._deliver(_PLAIN, [memoryview(frame)], len(frame), dst, touched) and ok
+        return ok
+
+    def _soft(self, fields: tuple, segs: list[memoryview]) -> list | Unsegmentable:
+        """The frame made plain, once per frame: [checksum completed] or its TCP segments."""
+        checked = self._soft_segs is segs  # from `_forward_offload`: parsed, and a copy if GSO
+        try:
+            if not fields[1]:
+                self.completed += 1
+                return [complete_csum(_flat(segs), fields[4], fields[5])]  # sums its own copy
+            frame = _flat(segs) if checked else _joined(segs)
+            gso = self._soft_gso if checked else None
+            if gso is None:  # `parse_gso` said Unsegmentable, or the frame skipped `_forward_offload`
+                gso = parse_gso(frame, fields)
+            frames = segment_tcp(frame, gso)
+            self.segmented += 1
+            return frames
+        except Unsegmentable as exc:
+            return exc
+
+    def _deliver_tap(self, fields: tuple, segs: list[memoryview], length: int, tap: TapPort) -> bool:
+        flags, gso_type = fields[0] & vn.HDR_F_NEEDS_CSUM, fields[1]
+        if (flags or gso_type) and not _takes_whole(tap, gso_type):
+            return self._deliver_soft(fields, segs, tap, {})
+        try:
+            sent = tap.write(HEADER.pack(flags, gso_type, *fields[2:6], 0), segs)
+        except OSError as exc:
+            self._break(tap, f"write: {exc}")
+            return False
+        if not sent:
+            tap.rx_dropped += 1
+            return False
+        tap.rx_packets += 1
+        tap.rx_bytes += length
         return True
 
 

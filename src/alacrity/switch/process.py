@@ -34,11 +34,7 @@ from alacrity.switch.control import DEFAULT_PREFIX, Control
 from alacrity.switch.engine import BATCH, Engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import VhostPort
-
-try:  # TEMP until switch/tap.py lands
-    from alacrity.switch.tap import TapPort
-except ImportError:
-    TapPort = None  # type: ignore[assignment,misc]
+from alacrity.switch.tap import TapPort
 from alacrity.vhost_user.messages import ProtocolError
 from alacrity.virtio import net as vn
 from alacrity.virtio.ring import QueueError
@@ -140,7 +136,11 @@ class Switch:
             work = engine.poll_once()
             if engine.broken:
                 for port in engine.take_broken():
-                    self.remove_port(port, port.broken or "broken", fault=True)  # type: ignore[arg-type]
+                    if port is self.uplink:
+                        log.error("%s: uplink broken: %s; the host is cut off", port.label, port.broken)
+                        self.set_uplink(None)
+                    else:
+                        self.remove_port(port, port.broken or "broken", fault=True)  # type: ignore[arg-type]
             now = clock()
             if work or now - last_work < self.poll_budget_s:
                 if work:
