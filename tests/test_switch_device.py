@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import packets
+
 BROADCAST = b"\xff" * 6
 
 
@@ -192,3 +194,71 @@ def test_switch_process_ends_with_the_daemon(daemon, holders):
             return True
 
     wait_for(gone, what="the switch process to exit after its daemon")
+
+
+@pytest.fixture
+def netns():
+    need_root_net()
+    name = f"alac-up-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def need_root_net() -> None:
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("/dev/net/tun is missing: no tap devices on this machine")
+
+
+def ns(name: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "-n", name, *argv], capture_output=True, text=True)
+
+
+def ping_host(holder: Holder, host_ip: str, my_ip: str) -> bytes:
+    """ARP for the host behind the uplink, then an ICMP echo; the host kernel's MAC."""
+    mac = holder.macs[0]
+    holder.send(0, packets.arp_request(mac, my_ip, host_ip))
+    host_mac = None
+    for _ in range(20):
+        got = holder.recv(0, 2.0)
+        assert got is not None, "no ARP reply from the host"
+        if (host_mac := packets.arp_reply_from(got, host_ip)) is not None:
+            break
+    assert host_mac is not None
+    holder.send(0, packets.icmp_echo(mac, host_mac, my_ip, host_ip, 7, 1))
+    for _ in range(20):
+        got = holder.recv(0, 2.0)
+        assert got is not None, "no echo reply from the host"
+        if packets.echo_reply_ok(got, host_ip, 7, 1):
+            return host_mac
+    raise AssertionError("no valid echo reply")
+
+
+def test_uplink_joins_the_host_and_survives_a_switch_crash(daemon, holders, netns):
+    tap = f"altap{os.getpid() % 100000}"
+    daemon.make_switch("sw0", ["b1"], extra=f"echo {tap} > $A/devices/sw0/uplink")
+    # The daemon made the tap; it moves into our namespace with its fd still attached.
+    subprocess.run(["ip", "link", "set", tap, "netns", netns], check=True)
+    ns(netns, "addr", "add", "10.77.0.1/24", "dev", tap)
+    ns(netns, "link", "set", tap, "up")
+    holder = hold(daemon, holders, "b1", "sw0")
+    host_mac = ping_host(holder, "10.77.0.1", "10.77.0.2")
+    uplink = [p for p in os.listdir(daemon.admin / "devices/sw0/ports")
+              if "uplink 1" in read(daemon, f"devices/sw0/ports/{p}")]
+    assert len(uplink) == 1 and host_mac.hex(":") in read(daemon, "devices/sw0/fdb")
+
+    os.kill(switch_pid(daemon, "sw0"), signal.SIGKILL)
+    wait_for(lambda: read(daemon, "devices/sw0/restarts") == "1\n" and switch_pid(daemon, "sw0"),
+             what="the switch to restart")
+    holder.close()
+    again = hold(daemon, holders, "b1", "sw0")
+    ping_host(again, "10.77.0.1", "10.77.0.3")  # same tap, same address: the daemon kept it
+
+    again.close()
+    wait_for(lambda: os.listdir(daemon.admin / "devices/sw0/ports") != [], what="uplink port listed")
+    daemon.sh("echo '' > $A/devices/sw0/uplink")
+    wait_for(lambda: ns(netns, "link", "show", tap).returncode != 0, what="the tap to go with the uplink")
+    assert write(daemon, "devices/sw0/uplink", "lo") == errno.EINVAL  # not a tap: refused, nothing changed
+    assert read(daemon, "devices/sw0/uplink") == "\n"
