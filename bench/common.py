@@ -235,3 +235,13 @@ def ratio(ours: float | None, peer: float | None) -> float | None:
     if not ours or not peer or ours != ours or peer != peer:
         return None
     return ours / peer
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process `pid` (all its threads) from /proc/PID/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; field 3 is fields[0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
