@@ -1,9 +1,14 @@
 """Forwarding rate between two NetClient processes through a switch process.
 
-    python bench/switch_rate.py [--seconds 3] [--sizes 64,1500]
+    python bench/switch_rate.py [--seconds 3] [--sizes 64,1500] [--engine native|python] [--inprocess]
 
 Prints, per frame size, the receiver's packets/s and Gbit/s and the notifications
-(kicks + interrupts, counted by the switch) per forwarded packet."""
+(kicks + interrupts, counted by the switch) per forwarded packet. The NetClients are
+Python too: at small frames they, not the switch, may set the rate.
+
+With --inprocess, no processes: the engine alone, over in-memory rings (one sender, one
+receiver, unicast, 256-entry rings refilled between timed runs of `poll_once`), reported
+as microseconds per forwarded frame and the rate that makes."""
 
 from __future__ import annotations
 
@@ -59,11 +64,12 @@ def peer(ctl: Control, role: str, size: int, seconds: float) -> subprocess.Popen
     return proc
 
 
-def run(size: int, seconds: float, workdir: str) -> dict:
+def run(size: int, seconds: float, workdir: str, engine: str | None = None) -> dict:
     path = os.path.join(workdir, f"bench{size}.ctl")
     with open(os.path.join(workdir, "switch.log"), "ab") as log:
         switch = subprocess.Popen([sys.executable, "-m", "alacrity.switch", "--control", path,
-                                   "--log-level", "WARNING"], stdout=log, stderr=log)
+                                   "--log-level", "WARNING", *(["--engine", engine] if engine else [])],
+                                  stdout=log, stderr=log)
     try:
         for _ in range(200):
             if os.path.exists(path):
@@ -89,7 +95,8 @@ def run(size: int, seconds: float, workdir: str) -> dict:
         interrupts = sum(p["interrupts"] for p in ports)
         notes = kicks + interrupts
         pps = got["count"] / got["elapsed"]
-        return {"size": size, "sent": sent["count"], "received": got["count"], "pps": round(pps),
+        return {"engine": stats["stats"].get("engine", "python"), "size": size, "sent": sent["count"],
+                "received": got["count"], "pps": round(pps),
                 "gbit_s": round(pps * size * 8 / 1e9, 3),
                 "notifications_per_packet": round(notes / max(got["count"], 1), 4),
                 "kicks_per_packet": round(kicks / max(got["count"], 1), 4),
@@ -100,14 +107,90 @@ def run(size: int, seconds: float, workdir: str) -> dict:
         switch.wait(10)
 
 
+class _Memory:
+    """Guest memory at guest-physical 0, for the in-process run."""
+
+    def __init__(self, size: int) -> None:
+        from alacrity.vhost_user.memory import Region
+
+        self.view = memoryview(bytearray(size))
+        self.regions = [Region(0, size, 0, self.view)]
+
+    def gpa(self, addr: int, length: int) -> memoryview:
+        from alacrity.virtio.ring import AddressError
+
+        if addr + length > len(self.view):
+            raise AddressError(f"{addr:#x}+{length:#x} outside the memory")
+        return self.view[addr : addr + length]
+
+
+def inprocess(size: int, seconds: float, engine: str | None = None, queue: int = 256) -> dict:
+    """The engine's own cost per frame: `poll_once` timed alone, the driver side not."""
+    from alacrity.client.net import NetDriver
+    from alacrity.switch.engine import make_engine
+    from alacrity.switch.fdb import Fdb
+    from alacrity.switch.port import Port
+    from alacrity.virtio.device_queue import DeviceQueue
+    from alacrity.virtio.features import F_VERSION_1, RING_F_EVENT_IDX, bit
+    from alacrity.virtio.net import F_MRG_RXBUF
+    from alacrity.virtio.ring import avail_ring_size, desc_table_size, used_ring_size
+
+    eng = make_engine(Fdb(), kind=engine, strict=engine == "native")
+    features = bit(F_VERSION_1) | bit(F_MRG_RXBUF) | bit(RING_F_EVENT_IDX)
+    ends = []
+    for port_id in (1, 2):
+        mem = _Memory(NetDriver.area_size(queue, 2048, 2048))
+        driver = NetDriver(mem.view, queue_size=queue, rx_buffer=2048, tx_slot=2048)
+        port = Port(port_id, mac=bytes([2, 0, 0, 0, 0, port_id]), features=features)
+        v = mem.view
+        for name, lay in (("rx", driver.rx_layout), ("tx", driver.tx_layout)):
+            rings = (v[lay.desc : lay.desc + desc_table_size(lay.size)],
+                     v[lay.avail : lay.avail + avail_ring_size(lay.size)],
+                     v[lay.used : lay.used + used_ring_size(lay.size)])
+            setattr(port, name, DeviceQueue(mem, lay.size, *rings, event_idx=True))
+        eng.add_port(port)
+        driver.stock_rx()
+        ends.append((port, driver))
+    (a, tx), (b, rx) = ends
+    rx.add_tx(b.mac + b.mac + b"\x88\xb5" + bytes(50))  # b's address, learned
+    rx.publish_tx()
+    eng.poll_once()
+    frame = b.mac + a.mac + b"\x88\xb5" + bytes(size - 14)
+    frames = 0
+    busy = 0.0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        tx.reap_tx()
+        while tx.add_tx(frame):
+            pass
+        tx.publish_tx()
+        rx.reap_rx()
+        rx.stock_rx()
+        start = time.perf_counter()
+        while eng.poll_once():
+            pass
+        busy += time.perf_counter() - start
+        frames = b.rx_packets
+    assert a.tx_packets == frames and b.rx_dropped == 0, (a.counters(), b.counters())
+    us = busy / frames * 1e6
+    return {"engine": eng.kind, "inprocess": True, "size": size, "frames": frames,
+            "us_per_frame": round(us, 3), "pps": round(1e6 / us), "gbit_s": round(size * 8 / us / 1e3, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--sizes", default="64,1500")
+    parser.add_argument("--engine", choices=("native", "python"), default=None,
+                        help="the switch's engine (default: its own default, native when it builds)")
+    parser.add_argument("--inprocess", action="store_true", help="time the engine alone, in this process")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         for size in (int(s) for s in args.sizes.split(",")):
-            print(json.dumps(run(size, args.seconds, workdir)), flush=True)
+            if args.inprocess:
+                print(json.dumps(inprocess(size, args.seconds, args.engine)), flush=True)
+            else:
+                print(json.dumps(run(size, args.seconds, workdir, args.engine)), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from alacrity.client.net import NetDriver
 from alacrity.switch.engine import Engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import Port
+from alacrity.vhost_user.memory import Region
 from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import DeviceQueue
 from alacrity.virtio.features import F_VERSION_1, bit
@@ -26,6 +27,7 @@ class Memory:
     def __init__(self, size: int) -> None:
         self.buf = bytearray(size)
         self.view = memoryview(self.buf)
+        self.regions = [Region(0, size, 0, self.view)]  # as in a MemoryTable: the native engine maps them
 
     def gpa(self, addr: int, length: int) -> memoryview:
         if addr < 0 or length < 0 or addr + length > len(self.buf):
@@ -105,9 +107,13 @@ def frame(dst: bytes, src: bytes, payload: bytes = b"hello") -> bytes:
     return dst + src + b"\x88\xb5" + payload
 
 
+#: The engine class `make()` builds; tests/test_switch_native.py runs these tests again with NativeEngine.
+ENGINE: type[Engine] = Engine
+
+
 def make(n: int, **kw) -> tuple[Engine, list[Host], Clock]:
     clock = Clock()
-    engine = Engine(Fdb(ageing_s=300), clock=clock)
+    engine = ENGINE(Fdb(ageing_s=300), clock=clock)
     hosts = [Host(i + 1, **kw) for i in range(n)]
     for h in hosts:
         engine.add_port(h.port)

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 
+from alacrity.switch.engine import ENGINE_ENV, ENGINE_KINDS
 from alacrity.switch.process import DEFAULT_PREFIX, POLL_BUDGET_S, Switch
 
 log = logging.getLogger("alacrity.switch")
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="offer CSUM and TSO4/6 to ports (default: on)")
     parser.add_argument("--poll-us", type=float, default=POLL_BUDGET_S * 1e6,
                         help="busy-poll budget after the last frame, in microseconds")
+    parser.add_argument("--engine", choices=ENGINE_KINDS, default=None,
+                        help=f"forwarding engine (default: ${ENGINE_ENV}, else native; python if native "
+                             "cannot be built)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         control = socket.socket(fileno=args.control_fd)
     try:
         switch = Switch(control, mtu=args.mtu, mac_prefix=args.mac_prefix, ageing_s=args.ageing,
-                        offloads=args.offloads, poll_budget_s=args.poll_us * 1e-6)
+                        offloads=args.offloads, poll_budget_s=args.poll_us * 1e-6, engine=args.engine)
     except ValueError as exc:
         parser.error(str(exc))
     drop_privileges(args.user)

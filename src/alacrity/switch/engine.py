@@ -23,12 +23,17 @@ Tap ports (switch/tap.py) have no rings: the engine reads a batch of frames from
 fd and forwards them like TX chains, and writes frames to it. A tap is the kernel, not a
 guest: a frame from it that fails the checks is dropped and counted (`tx_errors`), and
 only an unexpected error on the fd breaks the port.
+
+This is the reference engine. `make_engine()` returns `NativeEngine` (switch/native) when
+it can: the same engine with the common case of a batch in C, which hands anything else
+(offload conversions, taps, faults) back to the code here one chain at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -132,6 +137,10 @@ def _takes_whole(dst: Port, gso_type: int) -> bool:
 
 
 class Engine:
+    """The reference engine, in Python. `make_engine()` picks it or `NativeEngine` (switch/native)."""
+
+    kind = "python"
+
     def __init__(self, fdb: Fdb | None = None, *, batch: int = BATCH,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.fdb = fdb or Fdb()
@@ -206,11 +215,12 @@ class Engine:
             self.batches += 1
         return work
 
-    def _drain(self, port: Port, txq: DeviceQueue, now: float, touched: dict) -> int:
+    def _drain(self, port: Port, txq: DeviceQueue, now: float, touched: dict,
+               limit: int | None = None) -> int:
         fdb = self.fdb
         ports = self.ports
         done = 0
-        for _ in range(self.batch):
+        for _ in range(self.batch if limit is None else limit):
             chain = txq.pop()
             if chain is None:
                 break
@@ -416,6 +426,33 @@ class Engine:
         tap.rx_packets += 1
         tap.rx_bytes += length
         return True
+
+
+ENGINE_KINDS = ("native", "python")
+#: The environment variable that picks the engine when the caller does not: native or python.
+ENGINE_ENV = "ALACRITY_SWITCH_ENGINE"
+
+
+def make_engine(fdb: Fdb | None = None, *, batch: int = BATCH, clock: Callable[[], float] = time.monotonic,
+                kind: str | None = None, strict: bool = False) -> Engine:
+    """The engine of `kind` (else $ALACRITY_SWITCH_ENGINE, else native): the native one builds
+    and loads its C part here, so call this before dropping privileges. If it cannot be had,
+    one line says why and the Python engine is returned (unless `strict`: NativeUnavailable)."""
+    kind = kind or os.environ.get(ENGINE_ENV) or "native"
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"unknown switch engine {kind!r} (use one of: {', '.join(ENGINE_KINDS)})")
+    if kind == "native":
+        from alacrity.switch.native import NativeUnavailable
+
+        try:
+            from alacrity.switch.native.engine import NativeEngine
+
+            return NativeEngine(fdb, batch=batch, clock=clock)
+        except NativeUnavailable as exc:
+            if strict:
+                raise
+            log.warning("native switch engine unavailable, using the Python engine: %s", exc)
+    return Engine(fdb, batch=batch, clock=clock)
 
 
 def _scatter(rxq: DeviceQueue, chains: list[Chain], sources: list[memoryview]) -> None:

@@ -31,7 +31,7 @@ import socket
 import time
 
 from alacrity.switch.control import DEFAULT_PREFIX, Control
-from alacrity.switch.engine import BATCH, Engine
+from alacrity.switch.engine import BATCH, make_engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import VhostPort
 from alacrity.switch.tap import TapPort
@@ -49,7 +49,7 @@ MAX_CONTROL = 65536
 class Switch:
     def __init__(self, control: str | socket.socket, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
                  ageing_s: float = 300.0, offloads: bool = True, batch: int = BATCH,
-                 poll_budget_s: float = POLL_BUDGET_S) -> None:
+                 poll_budget_s: float = POLL_BUDGET_S, engine: str | None = None) -> None:
         prefix = bytes(int(p, 16) for p in mac_prefix.split(":"))
         if not 1 <= len(prefix) <= 5 or prefix[0] & 1:
             raise ValueError(f"mac_prefix {mac_prefix!r}: 1 to 5 bytes of a unicast address")
@@ -57,7 +57,8 @@ class Switch:
         self.mtu = mtu
         self.offloads = offloads
         self.poll_budget_s = poll_budget_s
-        self.engine = Engine(Fdb(ageing_s=ageing_s), batch=batch)
+        # native (C fast path, built and loaded here: before the caller drops privileges) or python
+        self.engine = make_engine(Fdb(ageing_s=ageing_s), batch=batch, kind=engine)
         self.ports: dict[int, VhostPort] = {}
         self.uplink: TapPort | None = None
         self.next_id = 1
@@ -314,7 +315,7 @@ class Switch:
                           "uplink": True, "learned": learned.get(up.id, []), **up.counters()})
         stats = {"ports": len(self.ports), "fdb_entries": len(fdb), "floods": self.engine.floods,
                  "batches": self.engine.batches, "sleeps": self.sleeps, "wakeups": self.wakeups,
-                 "fdb_evictions": self.engine.fdb.evictions}
+                 "fdb_evictions": self.engine.fdb.evictions, "engine": self.engine.kind}
         return {"ports": ports, "fdb": fdb, "stats": stats, "removed": list(self.removed)}
 
     def close(self) -> None:

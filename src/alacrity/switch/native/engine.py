@@ -1,0 +1,408 @@
+"""`NativeEngine`: `Engine` with the common case of `poll_once` in C (fastpath.c).
+
+Per sender and batch, `sw_drain` forwards chains until the batch is done, the TX ring is
+empty, or a chain needs the Python reference code (a punt: an offload to convert, a tap or
+other Python-only receiver, a header spread over buffers, any ring or header fault); that
+one chain then goes through `Engine._drain` and C carries on. Frames are taken in ring
+order either way, so nothing is reordered.
+
+State: the DeviceQueue objects are what the rest of the switch reads, and they are right
+whenever Python runs: C works on its copy of each ring's indices, and everything it moved
+(indices, signalled marks, counter deltas, floods) is copied back in one batch (`_sync_out`,
+via `sw_export`) at the end of every poll and before every punt. Going in (`_refresh`, at
+the start of every poll and after every punt), indices that Python moved are taken back,
+and a changed ring (a new DeviceQueue, a broken port, new features) is noticed by identity
+and re-attached. The FDB lives in C (`NativeFdb`: the interface and semantics of `Fdb`)
+and serves both paths.
+
+Notifications: C keeps the ordered "touched" list of `poll_once` (the Python path adds its
+rings to it) and makes the EVENT_IDX decision for the rings it has (`sw_notify`); Python
+writes the eventfds (`port.signal`), and decides for the rings C does not have. So which
+rings are signalled, and in which order, is exactly what the reference engine does.
+
+Guest memory is pinned through buffers on the objects under the ring views (the mmap, or
+a test's bytearray) for as long as C may use it: a port's buffers go when it is removed or
+its rings change (noticed at the next poll).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Callable
+
+from alacrity.switch.engine import BATCH, Engine
+from alacrity.switch.fdb import Fdb, FdbEntry
+from alacrity.switch.native import NativeUnavailable, load
+from alacrity.switch.offload import PortFault
+from alacrity.switch.port import TX, Port
+from alacrity.switch.tap import TapPort
+from alacrity.virtio.device_queue import DeviceQueue
+from alacrity.virtio.net import mac_text
+from alacrity.virtio.ring import QueueError
+
+#: Scratch for one frame's deliveries: RX buffers (all receivers together) and RX chains.
+SCRATCH_SEGS = 4096
+SCRATCH_CHAINS = 2048
+SW_REC = 16  # values per port in a sync-out record (fastpath.h)
+_UNSET = object()
+
+
+class NativeFdb:
+    """`Fdb` over the C table that the native engine forwards with (same methods, same semantics)."""
+
+    def __init__(self, *, ageing_s: float = 300.0, max_entries: int = 4096) -> None:
+        if max_entries < 1:
+            raise ValueError("an FDB needs room for at least one entry")
+        self._ffi, self._lib = load()
+        k0, k1 = struct.unpack("<QQ", os.urandom(16))
+        ptr = self._lib.sw_fdb_new(max_entries, ageing_s, k0, k1)
+        if ptr == self._ffi.NULL:
+            raise NativeUnavailable(f"no C FDB of {max_entries} entries (at most {1 << 24})")
+        self.ptr = self._ffi.gc(ptr, self._lib.sw_fdb_free)
+        self.max_entries = max_entries
+
+    @classmethod
+    def from_fdb(cls, fdb: Fdb) -> NativeFdb:
+        """A copy of `fdb` (entries in their order, counters, settings)."""
+        new = cls(ageing_s=fdb.ageing_s, max_entries=fdb.max_entries)
+        for mac, (port, seen) in fdb.table.items():
+            new.learn(mac, port, seen)
+        new._lib.sw_fdb_set_counts(new.ptr, fdb.moves, fdb.evictions)
+        return new
+
+    @property
+    def ageing_s(self) -> float:
+        return self._lib.sw_fdb_ageing(self.ptr)
+
+    @ageing_s.setter
+    def ageing_s(self, value: float) -> None:
+        self._lib.sw_fdb_set_ageing(self.ptr, float(value))
+
+    @property
+    def moves(self) -> int:
+        return self._lib.sw_fdb_moves(self.ptr)
+
+    @property
+    def evictions(self) -> int:
+        return self._lib.sw_fdb_evictions(self.ptr)
+
+    def learn(self, mac: bytes, port: int, now: float) -> None:
+        self._lib.sw_fdb_learn(self.ptr, int.from_bytes(mac, "big"), port, now)
+
+    def lookup(self, mac: bytes, now: float) -> int | None:
+        out = self._ffi.new("int64_t *")
+        return out[0] if self._lib.sw_fdb_lookup(self.ptr, int.from_bytes(mac, "big"), now, out) else None
+
+    def forget_port(self, port: int) -> None:
+        self._lib.sw_fdb_forget_port(self.ptr, port)
+
+    def expire(self, now: float) -> None:
+        self._lib.sw_fdb_expire(self.ptr, now)
+
+    @property
+    def table(self) -> dict[bytes, list]:
+        """A copy of the table as `Fdb.table` holds it: mac -> [port, last seen], in insertion order."""
+        n = len(self)
+        macs = self._ffi.new("uint64_t[]", max(n, 1))
+        ports = self._ffi.new("int64_t[]", max(n, 1))
+        seen = self._ffi.new("double[]", max(n, 1))
+        n = self._lib.sw_fdb_dump(self.ptr, macs, ports, seen, n)
+        return {macs[i].to_bytes(6, "big"): [ports[i], seen[i]] for i in range(n)}
+
+    def entries(self, now: float) -> list[FdbEntry]:
+        self.expire(now)
+        return [FdbEntry(mac_text(m), e[0], round(now - e[1], 3)) for m, e in sorted(self.table.items())]
+
+    def __len__(self) -> int:
+        return self._lib.sw_fdb_len(self.ptr)
+
+
+class _Slot:
+    """A port as C sees it: its `struct sw_port` and what it was made from."""
+
+    __slots__ = ("port", "c", "index", "rxq", "txq", "broken", "features", "max_frame",
+                 "rx_native", "tx_native", "rx_sync", "tx_sync", "keep")
+
+    def __init__(self, port: Port, c) -> None:
+        self.port = port
+        self.c = c
+        self.index = 0
+        self.rxq = self.txq = self.broken = _UNSET  # attach on the first refresh
+        self.features = self.max_frame = None
+        self.rx_native = self.tx_native = False
+        self.rx_sync = self.tx_sync = (-1, -1)  # (last_avail, used_idx) as C and Python last agreed
+        self.keep: list = []  # buffers C points into: alive while attached
+
+
+class NativeEngine(Engine):
+    kind = "native"
+
+    def __init__(self, fdb: Fdb | None = None, *, batch: int = BATCH,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._ffi, self._lib = ffi, lib = load()
+        super().__init__(fdb, batch=batch, clock=clock)
+        self.fdb = NativeFdb.from_fdb(self.fdb) if isinstance(self.fdb, Fdb) else self.fdb
+        self.punts = 0  # chains the C side handed to the Python path
+        self._c = c = ffi.new("struct sw_engine *")
+        c.fdb = self.fdb.ptr
+        self._segs = ffi.new("struct sw_seg[]", SCRATCH_SEGS)
+        self._chains = ffi.new("struct sw_chain[]", SCRATCH_CHAINS)
+        c.segs, c.segs_cap = self._segs, SCRATCH_SEGS
+        c.chains, c.chains_cap = self._chains, SCRATCH_CHAINS
+        self._slots: dict[int, _Slot] = {}
+        self._order: list[_Slot] = []
+        self._arrays: tuple = ()
+        self._rebuild()
+
+    @property
+    def native_frames(self) -> int:
+        """Frames forwarded by C, ever."""
+        return self._c.frames
+
+    # -- ports
+    def add_port(self, port: Port) -> None:
+        self._sync_out()
+        super().add_port(port)
+        slot = self._slots[port.id] = _Slot(port, self._ffi.new("struct sw_port *"))
+        slot.c.id = port.id  # for the id map, before the first attach
+        self._rebuild()
+
+    def remove_port(self, port_id: int) -> Port | None:
+        self._sync_out()
+        port = super().remove_port(port_id)
+        if self._slots.pop(port_id, None) is not None:
+            self._rebuild()
+        return port
+
+    def _rebuild(self) -> None:
+        """Give C the ports, in the order of `self.ports`."""
+        ffi, c = self._ffi, self._c
+        self._order = order = [self._slots[pid] for pid in self.ports if pid in self._slots]
+        n = max(len(order), 1)
+        cap = 8
+        while cap < 2 * n:
+            cap *= 2
+        ports = ffi.new("struct sw_port *[]", n)
+        for i, slot in enumerate(order):
+            ports[i] = slot.c
+            slot.index = i
+            slot.c.dirty = slot.c.rx.touched = slot.c.tx.touched = 0
+        self._out = ffi.new("int64_t[]", SW_REC * n + 1)
+        self._signals = ffi.new("int32_t[]", 2 * n)
+        arrays = (ports, ffi.new("int32_t[]", cap), ffi.new("int32_t[]", 2 * n), ffi.new("int32_t[]", n),
+                  ffi.new("struct sw_rxplan[]", n))
+        c.ports, c.idmap, c.order, c.dirty, c.plans = arrays
+        c.nports, c.idmask, c.norder, c.ndirty = len(order), cap - 1, 0, 0
+        self._arrays = arrays
+        self._lib.sw_index_ports(c)
+
+    # -- C <-> Python state
+    def _attach(self, slot: _Slot) -> None:
+        port, c = slot.port, slot.c
+        rxq, txq = port.rx, port.tx
+        slot.rxq, slot.txq, slot.broken = rxq, txq, port.broken
+        slot.features, slot.max_frame = port.features, port.max_frame
+        slot.keep = []
+        c.hdr_size = port.hdr_size
+        c.mrg_rxbuf = bool(port.mrg_rxbuf)
+        c.host_csum = bool(port.host_csum)
+        c.guest_csum = bool(port.guest_csum)
+        c.max_frame = min(port.max_frame, 0xFFFFFFFF)
+        c.broken = port.broken is not None
+        slot.rx_native = slot.tx_native = False
+        if isinstance(port, TapPort):
+            c.rx_state = 0 if port.broken is not None else 2  # frames to a tap: Python writes them
+        elif rxq is None or port.broken:
+            c.rx_state = 0  # a counted drop
+        elif self._queue(slot, c.rx, rxq):
+            c.rx_state = 1
+            slot.rx_native = True
+        else:
+            c.rx_state = 2  # a ring C cannot use: Python delivers to it
+        if txq is not None and not port.broken and not isinstance(port, TapPort):
+            slot.tx_native = self._queue(slot, c.tx, txq)
+        c.rx.native, c.tx.native = slot.rx_native, slot.tx_native
+        slot.rx_sync = (rxq.last_avail, rxq.used_idx) if slot.rx_native else (-1, -1)
+        slot.tx_sync = (txq.last_avail, txq.used_idx) if slot.tx_native else (-1, -1)
+
+    def _queue(self, slot: _Slot, cq, q: DeviceQueue) -> bool:
+        """Point `cq` at the rings and memory of `q`; False if C cannot use them (Python will)."""
+        ffi = self._ffi
+        regions = getattr(q.memory, "regions", None)
+        if regions is None or q.size & (q.size - 1):
+            return False
+        keep: list = []
+        try:
+            desc, avail, used = (self._pin(v, keep) for v in (q.desc, q.avail, q.used))
+            table = ffi.new("struct sw_region[]", max(len(regions), 1))
+            for i, region in enumerate(regions):
+                if len(region.view) < region.size:
+                    return False
+                table[i].gpa, table[i].size = region.gpa, region.size
+                table[i].host = self._pin(region.view, keep)
+        except (TypeError, ValueError, BufferError, AttributeError):
+            return False
+        if int(ffi.cast("uintptr_t", avail)) % 2 or int(ffi.cast("uintptr_t", used)) % 4:
+            return False
+        cq.desc, cq.avail, cq.used = desc, avail, used
+        cq.regions, cq.nregions = table, len(regions)
+        cq.size, cq.indirect, cq.event_idx = q.size, bool(q.indirect), bool(q.event_idx)
+        cq.last_avail, cq.used_idx, cq.signalled = q.last_avail, q.used_idx, q.signalled_used
+        cq.dirty = cq.publish = cq.pushed = 0
+        slot.keep += [*keep, table]
+        return True
+
+    def _pin(self, view: memoryview, keep: list):
+        """A pointer to `view`'s bytes, kept valid by a buffer on the object under it (in `keep`).
+
+        Not a buffer on `view` itself: a memoryview with exports that the garbage collector
+        clears (in a cycle) crashes when the export is released later (CPython 3.11)."""
+        ffi = self._ffi
+        base = view.obj
+        if isinstance(base, memoryview) or not view.contiguous or view.itemsize != 1:
+            raise ValueError("not a plain byte buffer")
+        whole = ffi.from_buffer("uint8_t[]", base, require_writable=True)
+        part = ffi.from_buffer("uint8_t[]", view, require_writable=True)
+        start = int(ffi.cast("uintptr_t", part)) - int(ffi.cast("uintptr_t", whole))
+        ffi.release(part)
+        if not 0 <= start <= len(whole) - len(view):
+            raise ValueError("a view outside its object")
+        keep.append(whole)
+        return ffi.cast("uint8_t *", whole) + start
+
+    def _refresh(self) -> None:
+        """Python -> C: re-attach what changed (a new ring, a broken port, new features), and take
+        the indices of rings that the Python path (or anyone) moved since C last synced them."""
+        for slot in self._order:
+            port = slot.port
+            rxq, txq = port.rx, port.tx
+            if (rxq is not slot.rxq or txq is not slot.txq or port.broken is not slot.broken
+                    or port.features != slot.features or port.max_frame != slot.max_frame):
+                self._attach(slot)
+                continue
+            if slot.rx_native and (rxq.last_avail, rxq.used_idx) != slot.rx_sync:
+                q = slot.c.rx
+                q.last_avail, q.used_idx = slot.rx_sync = rxq.last_avail, rxq.used_idx
+            if slot.tx_native and (txq.last_avail, txq.used_idx) != slot.tx_sync:
+                q = slot.c.tx
+                q.last_avail, q.used_idx = slot.tx_sync = txq.last_avail, txq.used_idx
+
+    def _sync_out(self) -> None:
+        """C -> Python: moved indices, signalled marks, counter deltas, floods."""
+        c = self._c
+        if not c.ndirty and not c.floods:
+            return
+        n = self._lib.sw_export(c, self._out)
+        values = self._ffi.unpack(self._out, n)
+        order = self._order
+        for k in range(0, n - 1, SW_REC):
+            (index, changed, rla, rused, rsig, rpushed, tla, tused, tsig, tpushed,
+             rx_packets, rx_bytes, rx_dropped, tx_packets, tx_bytes, tx_dropped) = values[k : k + SW_REC]
+            slot = order[index]
+            if changed & 1:
+                q = slot.rxq
+                q.last_avail, q.used_idx, q.signalled_used = rla, rused, rsig
+                q.requests += rpushed
+                slot.rx_sync = (rla, rused)
+            if changed & 2:
+                q = slot.txq
+                q.last_avail, q.used_idx, q.signalled_used = tla, tused, tsig
+                q.requests += tpushed
+                slot.tx_sync = (tla, tused)
+            port = slot.port
+            if rx_packets:
+                port.rx_packets += rx_packets
+                port.rx_bytes += rx_bytes
+            if rx_dropped:
+                port.rx_dropped += rx_dropped
+            if tx_packets:
+                port.tx_packets += tx_packets
+                port.tx_bytes += tx_bytes
+            if tx_dropped:
+                port.tx_dropped += tx_dropped
+        self.floods += values[-1]
+
+    def _python(self, call: Callable[[dict], int]) -> int:
+        """Run a piece of the reference code on the Python objects: sync out first, then tell C
+        which rings it touched (in order) and take the indices it moved."""
+        self._sync_out()
+        touched: dict = {}
+        try:
+            return call(touched)
+        finally:
+            touch, slots = self._lib.sw_touch, self._slots
+            for port, ring in touched:
+                slot = slots.get(port.id)
+                if slot is not None:
+                    touch(self._c, slot.index, ring)
+            self._refresh()
+
+    # -- the loop body
+    def poll_once(self) -> int:
+        now = self.clock()
+        c, lib = self._c, self._lib
+        lib.sw_begin(c, now)
+        self._refresh()
+        work = 0
+        for slot in self._order:
+            port = slot.port
+            txq = port.tx
+            if txq is None or port.broken:
+                continue
+            if slot.tx_native:
+                work += self._drain_native(slot, port, txq, now)
+                continue
+            try:
+                done = self._python(lambda touched, port=port, txq=txq: self._drain(port, txq, now, touched))
+            except (QueueError, PortFault) as exc:
+                self._break(port, f"TX: {exc}")
+                self._refresh()
+                continue
+            if done:
+                work += done
+                lib.sw_touch(c, slot.index, TX)
+        if self.taps:
+            for tap in list(self.taps.values()):
+                if tap.broken is None:
+                    work += self._python(lambda touched, tap=tap: self._drain_tap(tap, now, touched))
+        signals = self._signals
+        n = lib.sw_notify(c, signals)
+        self._sync_out()
+        order = self._order
+        for k in range(n):
+            entry = signals[k]
+            if entry >= 0:
+                order[entry >> 1].port.signal(entry & 1)
+            else:
+                entry = -1 - entry
+                slot = order[entry >> 1]
+                queue = slot.txq if entry & 1 else slot.rxq
+                if slot.port.broken is None and queue is not None and queue.needs_notify():
+                    slot.port.signal(entry & 1)
+        if work:
+            self.batches += 1
+        return work
+
+    def _drain_native(self, slot: _Slot, port: Port, txq: DeviceQueue, now: float) -> int:
+        """`_drain` with C doing the chains it can; 0 (no work counted) if the sender broke."""
+        c, drain, index, budget = self._c, self._lib.sw_drain, slot.index, self.batch
+        done = 0
+        while True:
+            done += drain(c, index, budget - done, done)
+            if c.status == 0:
+                return done  # (C put the TX ring in `touched` if it moved)
+            # Punt: this one chain goes through the reference code.
+            self.punts += 1
+            try:
+                one = self._python(lambda touched: self._drain(port, txq, now, touched, 1))
+            except (QueueError, PortFault) as exc:
+                self._break(port, f"TX: {exc}")
+                self._refresh()
+                return 0
+            done += one
+            if not one or port.tx is not txq or port.broken:
+                if done and not port.broken:
+                    self._lib.sw_touch(c, index, TX)
+                return done

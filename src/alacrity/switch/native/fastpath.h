@@ -1,0 +1,130 @@
+/* The switch's native fast path: shared by the C source and the cffi cdef, so it holds
+ * declarations only (no #include, no macros with expressions). See fastpath.c. */
+
+#define SW_DONE 0
+#define SW_PUNT 1
+
+#define SW_RX_DROP 0
+#define SW_RX_NATIVE 1
+#define SW_RX_PYTHON 2
+
+/* One mapped region of a port's memory table: guest-physical [gpa, gpa + size) at host. */
+struct sw_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+};
+
+/* A split virtqueue, device side. Python's DeviceQueue is the source of truth between
+ * calls: last_avail and used_idx are copied in before and out after (see engine.py). */
+struct sw_queue {
+    uint8_t *desc;              /* 16 * size bytes */
+    uint8_t *avail;             /* flags, idx, ring[size], used_event */
+    uint8_t *used;              /* flags, idx, ring[size] of (id, len), avail_event */
+    struct sw_region *regions;
+    uint32_t nregions;
+    uint32_t size;
+    uint16_t last_avail;
+    uint16_t used_idx;
+    uint16_t signalled;         /* DeviceQueue.signalled_used */
+    uint8_t indirect;
+    uint8_t event_idx;
+    uint8_t dirty;              /* indices moved since the last sync out */
+    uint8_t publish;            /* used_idx to store in the used ring before returning */
+    uint8_t native;             /* attached: C may use this ring */
+    uint8_t touched;            /* in sw_engine.order this poll */
+    uint32_t pushed;            /* used entries since the last sync out (DeviceQueue.requests) */
+};
+
+struct sw_port {
+    int64_t id;
+    int32_t index;              /* in sw_engine.ports */
+    uint8_t rx_state;           /* SW_RX_* */
+    uint8_t hdr_size;           /* 10 or 12 */
+    uint8_t mrg_rxbuf;
+    uint8_t host_csum;
+    uint8_t guest_csum;
+    uint8_t broken;
+    uint8_t dirty;              /* in sw_engine.dirty */
+    uint8_t pad[3];
+    uint32_t max_frame;
+    struct sw_queue rx;
+    struct sw_queue tx;
+    /* counter deltas since the last sync out */
+    uint64_t rx_packets;
+    uint64_t rx_bytes;
+    uint64_t rx_dropped;
+    uint64_t tx_packets;
+    uint64_t tx_bytes;
+    uint64_t tx_dropped;
+};
+
+struct sw_seg {
+    uint8_t *p;
+    uint64_t len;
+};
+
+struct sw_chain {
+    uint16_t head;
+    uint16_t pad;
+    uint32_t seg0;              /* its writable buffers: segs[seg0 .. seg0 + nseg) */
+    uint32_t nseg;
+    uint32_t pad2;
+    uint64_t room;
+};
+
+struct sw_rxplan {
+    struct sw_port *port;
+    uint32_t chain0;
+    uint32_t nchains;           /* 0: a counted drop */
+    uint16_t cursor;            /* the receiver's last_avail once delivered */
+    uint16_t pad[3];
+};
+
+struct sw_fdb;
+
+struct sw_engine {
+    struct sw_port **ports;     /* in the order of Engine.ports */
+    int32_t nports;
+    int32_t status;             /* SW_DONE or SW_PUNT, from sw_drain */
+    int32_t *idmap;             /* open addressing: port index + 1, 0 = empty */
+    uint32_t idmask;
+    int32_t norder;
+    int32_t *order;             /* 2 * port index + ring of the rings touched this poll, in order */
+    int32_t ndirty;
+    int32_t *dirty;             /* port indices with state to sync out */
+    struct sw_rxplan *plans;    /* nports of them */
+    struct sw_seg *segs;
+    uint32_t segs_cap;
+    uint32_t chains_cap;
+    struct sw_chain *chains;
+    struct sw_fdb *fdb;
+    double now;
+    uint64_t floods;            /* delta since the last sync out */
+    uint64_t frames;            /* forwarded by C, ever (for benchmarks) */
+};
+
+/* Sync-out records (sw_export): SW_REC int64s per port with changes, then the floods. */
+#define SW_REC 16
+
+void sw_begin(struct sw_engine *e, double now);
+void sw_index_ports(struct sw_engine *e);
+int32_t sw_drain(struct sw_engine *e, int32_t index, int32_t budget, int32_t done_before);
+void sw_touch(struct sw_engine *e, int32_t index, int32_t ring);
+int32_t sw_notify(struct sw_engine *e, int32_t *out);
+int32_t sw_export(struct sw_engine *e, int64_t *out);
+
+struct sw_fdb *sw_fdb_new(uint32_t max_entries, double ageing, uint64_t k0, uint64_t k1);
+void sw_fdb_free(struct sw_fdb *f);
+void sw_fdb_set_ageing(struct sw_fdb *f, double ageing);
+double sw_fdb_ageing(struct sw_fdb *f);
+uint32_t sw_fdb_max(struct sw_fdb *f);
+void sw_fdb_learn(struct sw_fdb *f, uint64_t mac, int64_t port, double now);
+int sw_fdb_lookup(struct sw_fdb *f, uint64_t mac, double now, int64_t *port);
+void sw_fdb_forget_port(struct sw_fdb *f, int64_t port);
+void sw_fdb_expire(struct sw_fdb *f, double now);
+uint32_t sw_fdb_len(struct sw_fdb *f);
+uint32_t sw_fdb_dump(struct sw_fdb *f, uint64_t *macs, int64_t *ports, double *seen, uint32_t cap);
+uint64_t sw_fdb_moves(struct sw_fdb *f);
+uint64_t sw_fdb_evictions(struct sw_fdb *f);
+void sw_fdb_set_counts(struct sw_fdb *f, uint64_t moves, uint64_t evictions);
