@@ -21,6 +21,15 @@ then a VM joins it:
   alacrity vm run --bus lab --cmd 'cat /sys/block/vda/size'
 """
 
+VM_RUN_EPILOG = """\
+Every switch on the bus becomes a virtio-net NIC, in the order 'alacrity bus show' lists
+them; the guest configures eth0 from --ip/--gw. Two guests on one switch:
+  alacrity vm run --bus lab --name a --ip 10.0.0.1/24 --cmd 'iperf3 -s -1'
+  alacrity vm run --bus lab --name b --ip 10.0.0.2/24 --cmd 'iperf3 -c 10.0.0.1 -t 5'
+(a switch on a bus: mkdir devices/lan0; echo switch > devices/lan0/type;
+ ln -s ../../devices/lan0 buses/lab/lan0 in the admin tree)
+"""
+
 
 class UserError(Exception):
     """A one-line error for the user; exit status 2."""
@@ -51,8 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = vm_sub.add_parser(
         "run",
         help="boot a guest on a bus, with one vhost-user device per device on the bus",
-        description="Join BUS, ask the gate for its devices, and boot QEMU with them. "
+        description="Join BUS, ask the gate for its devices, and boot QEMU with them: each blk "
+        "device as a disk (vda, vdb, ...), each switch device as a NIC (eth0, eth1, ...). "
         "The guest's exit status (from --cmd) becomes ours.",
+        epilog=VM_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--bus", required=True, help="the bus to join (admin tree: buses/BUS)")
     run.add_argument("--name", help="VM name for 'vm list'/'vm stop' (default: BUS-PID)")
@@ -64,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log", type=Path, help="send the serial console to this file")
     run.add_argument("--append", default="", help="extra kernel command line")
     run.add_argument("--timeout", type=float, default=0, help="kill the VM after this many seconds")
+    net = run.add_argument_group("network (switch devices on the bus)")
+    net.add_argument("--ip", metavar="ADDR/PREFIX",
+                     help="address of eth0, the NIC on the bus's first switch (e.g. 10.0.0.2/24)")
+    net.add_argument("--gw", metavar="ADDR", help="default route via ADDR (needs --ip)")
+    net.add_argument("--mac", action="append", metavar="MAC",
+                     help="MAC of the next NIC (repeat for eth1, ...); default: derived from --name, "
+                     "random without one (locally administered, unicast)")
     vm_sub.add_parser("list", help="list running VMs")
     stop = vm_sub.add_parser("stop", help="power a VM off (then kill it)")
     stop.add_argument("name")

@@ -11,7 +11,7 @@ import time
 from alacrity import client
 from alacrity.cli.bus_cmd import join
 from alacrity.cli.main import UserError
-from alacrity.vm.qemu import VM, VmSpec
+from alacrity.vm.qemu import VM, NetAttachment, VmSpec, check_mac, check_network, local_mac
 from alacrity.vm.runtime import VmError, list_vms, stop_vm
 
 
@@ -46,7 +46,25 @@ def guest_files(args: argparse.Namespace) -> tuple:
     return image.kernel, image.initrd
 
 
+def nic_attachments(switches: list[client.DeviceInfo], macs: list[str],
+                    name: str | None) -> list[NetAttachment]:
+    """One NIC per switch device, in the gate's order: the given MACs first, then MACs
+    derived from the VM's name (stable across runs), or random ones without a name."""
+    if len(macs) > len(switches):
+        raise UserError(f"{len(macs)} --mac given, but the bus has {len(switches)} switch device(s)")
+    return [
+        NetAttachment(dev.socket, macs[i] if i < len(macs)
+                      else local_mac(f"{name}/{dev.name}" if name else None))
+        for i, dev in enumerate(switches)
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        check_network(args.ip, args.gw)
+        macs = [check_mac(mac) for mac in args.mac or ()]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     kernel, initrd = guest_files(args)
     join(args.bus)
     try:
@@ -54,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
     except client.GateError as exc:
         raise UserError(str(exc)) from None
     disks = [dev.socket for dev in bus.devices if dev.device_class == "blk"]
-    others = [dev.name for dev in bus.devices if dev.device_class != "blk"]
+    nics = nic_attachments([dev for dev in bus.devices if dev.device_class == "switch"], macs, args.name)
+    if args.ip and not nics:
+        raise UserError(f"--ip {args.ip}: bus {args.bus!r} has no switch device, so the guest has no eth0")
+    others = [dev.name for dev in bus.devices if dev.device_class not in ("blk", "switch")]
     if others:
         print(f"alacrity: not attaching devices of other classes: {', '.join(others)}", file=sys.stderr)
     spec = VmSpec(
@@ -67,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
         append=args.append,
         console=args.log or "stdio",
         vhost_user_blk=disks,
+        nics=nics,
+        ip=args.ip,
+        gw=args.gw,
     )
     vm = VM(spec)
     if vm.accel.accel != "kvm":

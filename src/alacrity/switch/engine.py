@@ -474,4 +474,6 @@ def _scatter(rxq: DeviceQueue, chains: list[Chain], sources: list[memoryview]) -
             written += pos
             if src_i == len(sources):
                 break
-        rxq.push(chain.head, written)
+        rxq.push(chain.head, written, publish=False)
+    # The driver reads num_buffers from the first chain and expects the rest to be there.
+    rxq.publish()

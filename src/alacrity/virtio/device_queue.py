@@ -152,14 +152,21 @@ class DeviceQueue:
         raise QueueError(f"descriptor chain from {head} loops or exceeds its table")
 
     # -- device -> driver
-    def push(self, head: int, written: int) -> None:
-        """Return a chain; `written` is how many bytes the device wrote into it."""
+    def push(self, head: int, written: int, *, publish: bool = True) -> None:
+        """Return a chain; `written` is how many bytes the device wrote into it.
+        With `publish=False` the driver sees it only at the next `publish()`: a frame
+        spread over several chains (MRG_RXBUF) must appear all at once."""
         slot = self.used_idx % self.size
         self.used_ring.set_element(slot, head, written)
-        # x86 keeps stores in order: the element is visible before the index moves.
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self.used_ring.idx = self.used_idx
         self.requests += 1
+        if publish:
+            # x86 keeps stores in order: the element is visible before the index moves.
+            self.used_ring.idx = self.used_idx
+
+    def publish(self) -> None:
+        """Show the driver every chain pushed so far."""
+        self.used_ring.idx = self.used_idx
 
     def needs_notify(self) -> bool:
         """Should the driver be interrupted for what was pushed since the last time?"""

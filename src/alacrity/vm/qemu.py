@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import hashlib
+import ipaddress
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +37,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 BASE_APPEND = "console=ttyS0 quiet panic=-1"
 # x86 COMMAND_LINE_SIZE is 2048; leave room for the rest of the command line.
 MAX_CMD_B64 = 1500
+# Failed vhost-user-net setups (QEMU retries at once) before we give up on a guest.
+NIC_INIT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class NetAttachment:
+    """One NIC: QEMU connects to `socket` (a vhost-user-net backend: a switch port) as
+    the vhost-user client; the guest driver sees `mac`."""
+
+    socket: str | Path
+    mac: str  # xx:xx:xx:xx:xx:xx, unicast
 
 
 @dataclass
@@ -49,13 +63,68 @@ class VmSpec:
     console: str | Path = "stdio"  # "stdio" (teed to our stdout) or a log file path
     machine: str = DEFAULT_MACHINE
     vhost_user_blk: list[str | Path] = field(default_factory=list)  # socket paths
+    nics: list[NetAttachment] = field(default_factory=list)  # eth0, eth1, ... in this order
     extra_devices: list[list[str]] = field(default_factory=list)  # raw QEMU args
     ip: str | None = None  # ADDR/PREFIX for eth0
     gw: str | None = None
     run_dir: Path | None = None  # default: runtime_root() / name
 
 
+def _opt(value: str | Path) -> str:
+    """A value inside a QEMU option string, where a comma must be doubled."""
+    return str(value).replace(",", ",,")
+
+
+def check_mac(text: str) -> str:
+    """`text` as a lowercase xx:xx:xx:xx:xx:xx unicast MAC address, else ValueError."""
+    parts = text.strip().split(":")
+    try:
+        if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+            raise ValueError
+        octets = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"not a MAC address: {text!r} (use xx:xx:xx:xx:xx:xx)") from None
+    if octets[0] & 1:
+        raise ValueError(f"{text!r} is a multicast address; a NIC needs a unicast one")
+    if octets == bytes(6):
+        raise ValueError("00:00:00:00:00:00 is not a usable MAC address")
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def local_mac(seed: str | None = None) -> str:
+    """A locally administered unicast MAC: derived from `seed` (stable, e.g. "VMNAME/0"),
+    or random without one."""
+    raw = bytearray(hashlib.sha256(seed.encode()).digest()[:6] if seed is not None else os.urandom(6))
+    raw[0] = (raw[0] & 0xFC) | 0x02  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in raw)
+
+
+def check_network(ip: str | None, gw: str | None) -> None:
+    """ValueError unless `ip` is ADDR/PREFIX and `gw` an address of the same family
+    (each message names the option: --ip or --gw)."""
+    if ip is not None:
+        if "/" not in ip:
+            raise ValueError(f"--ip {ip}: give the prefix length too, e.g. {ip}/24")
+        try:
+            iface = ipaddress.ip_interface(ip)
+        except ValueError:
+            raise ValueError(f"--ip {ip}: not ADDR/PREFIX (e.g. 10.0.0.2/24)") from None
+    if gw is not None:
+        if ip is None:
+            raise ValueError("--gw needs --ip (eth0 has no address to route from)")
+        try:
+            gateway = ipaddress.ip_address(gw)
+        except ValueError:
+            raise ValueError(f"--gw {gw}: not an IP address") from None
+        if gateway.version != iface.version:
+            raise ValueError(f"--gw {gw} and --ip {ip} are of different address families")
+
+
 def kernel_append(spec: VmSpec) -> str:
+    try:
+        check_network(spec.ip, spec.gw)
+    except ValueError as exc:
+        raise VmError(str(exc)) from None
     parts = [BASE_APPEND, machine(spec.machine).append]
     if spec.ip:
         parts.append(f"alacrity.ip={spec.ip}")
@@ -90,10 +159,22 @@ def build_command(spec: VmSpec, run_dir: Path, accel: AccelChoice) -> list[str]:
         # signal=off: Ctrl-C goes to the guest shell, not to QEMU.
         args += ["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"]
     else:
-        args += ["-chardev", f"file,id=con,path={spec.console}", "-serial", "chardev:con"]
+        args += ["-chardev", f"file,id=con,path={_opt(spec.console)}", "-serial", "chardev:con"]
     for i, sock in enumerate(spec.vhost_user_blk):
-        args += ["-chardev", f"socket,id=vu{i},path={sock},reconnect=1"]
+        args += ["-chardev", f"socket,id=vu{i},path={_opt(sock)},reconnect=1"]
         args += virtio_device("vhost-user-blk", spec.machine, chardev=f"vu{i}", num_queues=1)
+    for i, nic in enumerate(spec.nics):
+        try:
+            mac = check_mac(nic.mac)
+        except ValueError as exc:
+            raise VmError(str(exc)) from None
+        # QEMU connects before the guest starts and waits for the backend's answers;
+        # reconnect=1 only matters if the socket is absent (then QEMU retries every
+        # second) or the backend restarts.
+        args += ["-chardev", f"socket,id=net{i},path={_opt(nic.socket)},reconnect=1",
+                 "-netdev", f"vhost-user,id=n{i},chardev=net{i}"]
+        # vectors=0 (PCI only): QEMU 7.2 under TCG crashes with MSI-X on vhost-user net.
+        args += virtio_device("virtio-net", spec.machine, netdev=f"n{i}", mac=mac, vectors=0)
     for extra in spec.extra_devices:
         args += extra
     return args
@@ -109,6 +190,8 @@ class VM:
         self.proc: subprocess.Popen[bytes] | None = None
         self.record: VmRecord | None = None
         self._pump: threading.Thread | None = None
+        self._log_offset = 0
+        self._nic_failures = 0
 
     @property
     def pid(self) -> int | None:
@@ -148,6 +231,7 @@ class VM:
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while not self.console.ready.wait(0.05):
+            self._check_startup()
             if self.console.done.is_set() or self._proc().poll() is not None:
                 if self.console.ready.wait(0.5):
                     return
@@ -158,8 +242,11 @@ class VM:
     def wait_exit(self, timeout: float = 120.0) -> int:
         """Wait for QEMU to exit; the guest command's status, or QEMU's own without one."""
         proc = self._proc()
+        deadline = time.monotonic() + timeout
+        while not self.console.ready.wait(0.1) and proc.poll() is None and time.monotonic() < deadline:
+            self._check_startup()
         try:
-            code = proc.wait(timeout)
+            code = proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"guest still running after {timeout}s{self._diagnostics()}") \
                 from None
@@ -190,6 +277,31 @@ class VM:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+    def _check_startup(self) -> None:
+        """VmError if QEMU keeps failing to set up a vhost-user NIC. With reconnect=1 it
+        retries at once and forever when the backend accepts and then closes (as the gate
+        does for a refused peer), so the guest would never start and nothing would say why."""
+        if not self.spec.nics:
+            return
+        try:
+            with open(self.run_dir / "qemu.log", "rb") as f:
+                f.seek(self._log_offset)
+                chunk = f.read(1 << 20)
+        except OSError:
+            return
+        complete = chunk.rfind(b"\n") + 1
+        self._log_offset += complete
+        lines = chunk[:complete].decode(errors="replace").splitlines()
+        failed = [line for line in lines if "failed to init vhost_net" in line]
+        self._nic_failures += len(failed)
+        if self._nic_failures >= NIC_INIT_ATTEMPTS:
+            m = re.search(r"vhost-user,id=n(\d+),", failed[-1]) if failed else None
+            nic = self.spec.nics[int(m.group(1))] if m and int(m.group(1)) < len(self.spec.nics) else None
+            what = f"the NIC on {nic.socket}" if nic else "a NIC"
+            raise VmError(f"QEMU cannot set up {what}: the vhost-user backend closed the connection "
+                          f"during setup, {self._nic_failures} times (a switch on a bus refuses "
+                          f"non-members; see the daemon's log){self._diagnostics()}")
 
     def _proc(self) -> subprocess.Popen[bytes]:
         if self.proc is None:
