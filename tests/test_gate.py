@@ -66,7 +66,10 @@ def test_non_member_and_other_bus_get_nothing(daemon, tmp_path):
     assert neighbour["listed"] == {"bus": "b2", "devices": ["d2"]}  # never learns of d1
     assert neighbour["opened"] == 0 and neighbour["refused"] == 50
     log = daemon.log.read_text()
-    assert log.count("refused device d1") >= 100
+    # Logged once per peer and reason (a refused QEMU retries thousands of times a second).
+    assert "refused device d1" in log and "not a member of any bus" in log
+    assert "device is not on bus b2" in log
+    assert log.count("refused device d1") <= 4
     assert "refused device list" in log
 
 

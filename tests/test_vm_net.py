@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -507,3 +508,37 @@ def test_vm_run_attaches_the_bus_switches(daemon, guest_image) -> None:
     argv = [*daemon.vm_run_argv("empty", "true", daemon.root / "x.log", guest_image), "--ip", "10.78.0.3/24"]
     proc = subprocess.run(argv, env=daemon.env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "has no switch device" in proc.stderr, proc.stderr
+
+
+@pytest.mark.vm
+@needs_qemu
+def test_killed_qemu_leaves_the_ports_view(daemon, guest_image) -> None:
+    daemon.make_switch("lan0", ["lab"])
+    ports_dir = daemon.admin / "devices/lan0/ports"
+    runs = []
+    try:
+        guests = (("vma", "10.79.0.1", "ping -q -i 0.2 10.79.0.2"), ("vmb", "10.79.0.2", "sleep 600"))
+        for name, ip, cmd in guests:
+            argv = [*daemon.vm_run_argv("lab", cmd, daemon.root / f"{name}.log", guest_image), "--name", name,
+                    "--ip", f"{ip}/24"]
+            runs.append(subprocess.Popen(argv, env=daemon.env, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        fdb = daemon.admin / "devices/lan0/fdb"
+        while len(fdb.read_text().splitlines()) < 2:  # both guests are talking
+            assert time.monotonic() < deadline, "the guests never exchanged frames"
+            time.sleep(0.2)
+        ports = {p: dict(line.split(" ", 1) for line in (ports_dir / p).read_text().splitlines())
+                 for p in os.listdir(ports_dir)}
+        assert len(ports) == 2
+        victim = next(p for p, info in ports.items() if local_mac("vmb/lan0") in info["learned"])
+        os.kill(int(ports[victim]["peer_pid"]), signal.SIGKILL)  # vmb's QEMU itself
+        deadline = time.monotonic() + 10
+        while victim in os.listdir(ports_dir):
+            assert time.monotonic() < deadline, "the dead guest's port is still listed"
+            time.sleep(0.1)
+        assert len(os.listdir(ports_dir)) == 1 and runs[0].poll() is None
+    finally:
+        for proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()

@@ -16,6 +16,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ log = logging.getLogger("alacrity.gate")
 
 CONTROL_SOCKET = "control.sock"
 MAX_REQUEST = 4096
+REFUSAL_LOG_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Gate:
         self.connections: set[Connection] = set()
         self.lock = threading.Lock()
         self.refusals = 0
+        self.refusal_log: dict[tuple[int, str, str], tuple[float, int]] = {}
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._loop, name="gate", daemon=True)
         self.stopping = False
@@ -153,9 +156,21 @@ class Gate:
 
     def refuse(self, sock: socket.socket, what: str, peer: Peer | None, why: str) -> None:
         self.refusals += 1
-        who = f"pid {peer.pid} (uid {peer.uid})" if peer else "unknown peer"
-        log.warning("refused %s to %s: %s", what, who, why)
         sock.close()
+        who = f"pid {peer.pid} (uid {peer.uid})" if peer else "unknown peer"
+        # A refused QEMU retries thousands of times a second: log each (peer, what, why)
+        # once per REFUSAL_LOG_S, with how many were not logged meanwhile.
+        key = (peer.pid if peer else 0, what, why)
+        now = time.monotonic()
+        last, quiet = self.refusal_log.get(key, (0.0, 0))
+        if now - last < REFUSAL_LOG_S:
+            self.refusal_log[key] = (last, quiet + 1)
+            return
+        if len(self.refusal_log) > 1024:
+            self.refusal_log.clear()
+        self.refusal_log[key] = (now, 0)
+        more = f" ({quiet} more like it not logged)" if quiet else ""
+        log.warning("refused %s to %s: %s%s", what, who, why, more)
 
     def _member_bus(self, peer: Peer) -> str | None:
         if peer.start_time is None:

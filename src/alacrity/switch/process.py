@@ -303,12 +303,15 @@ class Switch:
         for e in self.engine.fdb.entries(now):
             learned.setdefault(e.port, []).append(e.mac)
             fdb.append({"mac": e.mac, "port": e.port, "age_s": e.age_s})
-        ports = [
-            {"port": p.id, "label": p.label, "mac": vn.mac_text(p.mac), "peer_pid": p.peer_pid,
-             "running": p.tx is not None and p.rx is not None, "learned": learned.get(p.id, []),
-             **p.counters()}
-            for p in self.ports.values()
-        ]
+        ports = []
+        for p in self.ports.values():
+            macs = learned.get(p.id, [])
+            # A VM's MAC is set by its QEMU, which ignores the port's config space: a port
+            # whose traffic shows one source address is known by that one.
+            assigned = vn.mac_text(p.mac)
+            ports.append({"port": p.id, "label": p.label, "mac": macs[0] if len(macs) == 1 else assigned,
+                          "assigned_mac": assigned, "peer_pid": p.peer_pid,
+                          "running": p.tx is not None and p.rx is not None, "learned": macs, **p.counters()})
         if self.uplink is not None:
             up = self.uplink
             ports.append({"port": up.id, "label": up.label, "mac": "", "peer_pid": 0, "running": True,
