@@ -542,3 +542,36 @@ def test_killed_qemu_leaves_the_ports_view(daemon, guest_image) -> None:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+@pytest.mark.vm
+@needs_qemu
+def test_a_switch_spans_buses_and_another_switch_is_apart(daemon, guest_image) -> None:
+    daemon.make_switch("shared", ["lab", "lab2"])
+    daemon.make_switch("other", ["lab3"])
+    # a (bus lab) and b (bus lab2) share a switch; c (bus lab3, its own switch) has an address
+    # on the same subnet and must hear nothing from them.
+    # a and b stay up after they meet, while c (4 s in) tries both of them.
+    reach = ("n=0; until ping -c 1 -W 1 {peer} >/dev/null; do n=$((n + 1)); [ $n -lt 60 ] || exit 1; done; "
+             "sleep 8; exit 3")
+    alone = ("sleep 4; for peer in 10.80.0.1 10.80.0.2; do ping -c 3 -W 1 $peer >/dev/null && exit 1; done; "
+             "exit 4")
+    runs = []
+    try:
+        for name, bus, ip, cmd in (("sa", "lab", "10.80.0.1", reach.format(peer="10.80.0.2")),
+                                   ("sb", "lab2", "10.80.0.2", reach.format(peer="10.80.0.1")),
+                                   ("sc", "lab3", "10.80.0.3", alone)):
+            argv = [*daemon.vm_run_argv(bus, cmd, daemon.root / f"{name}.log", guest_image), "--name", name,
+                    "--ip", f"{ip}/24"]
+            runs.append(subprocess.Popen(argv, env=daemon.env, stderr=subprocess.PIPE, text=True))
+        codes = [proc.wait(timeout=120) for proc in runs]
+    finally:
+        for proc in runs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    logs = {name: (daemon.root / f"{name}.log").read_text(errors="replace")[-1500:]
+            for name in ("sa", "sb", "sc")}
+    assert codes == [3, 3, 4], logs
+    assert (daemon.admin / "devices/shared/ports_opened").read_text() == "2\n"
+    assert (daemon.admin / "devices/other/ports_opened").read_text() == "1\n"
