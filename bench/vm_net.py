@@ -33,7 +33,7 @@ from common import Cleanup, fmt, median, print_table, progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from alacrity.switch.control import Control  # noqa: E402
+from alacrity.devices.switch import SwitchProcess  # noqa: E402
 from alacrity.vm.image import default_image  # noqa: E402
 from alacrity.vm.qemu import VM, NetAttachment, VmSpec, local_mac  # noqa: E402
 
@@ -88,14 +88,9 @@ class SwitchRig:
     """Our switch process, fed every connection made to its per-VM sockets."""
 
     def __init__(self, c: Cleanup) -> None:
-        ctl = c.root / "switch.ctl"
-        self.proc = c.popen([sys.executable, "-m", "alacrity.switch", "--control", str(ctl), "--log-level",
-                             "WARNING"])
-        for _ in range(500):
-            if ctl.exists():
-                break
-            threading.Event().wait(0.01)
-        self.ctl = Control(str(ctl))
+        with open(c.root / "switch.log", "ab") as log:
+            self.switch = SwitchProcess("bench", log_file=log)
+        self.ctl = self.switch.control
         self.listeners = []
         self.stopping = False
 
@@ -129,7 +124,7 @@ class SwitchRig:
         self.stopping = True
         for lst in self.listeners:
             lst.close()
-        self.ctl.close()
+        self.switch.stop()
 
 
 def make_bridge(c: Cleanup, tag: str) -> tuple[str, list[str]]:

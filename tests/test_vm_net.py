@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from alacrity.client.net import NetClient
-from alacrity.switch.control import Control
+from alacrity.devices.switch import SwitchProcess
 from alacrity.vm.qemu import (
     QEMU,
     VM,
@@ -65,14 +65,9 @@ class Lan:
     def __init__(self, root: Path, *, offloads: bool = True) -> None:
         self.root = root
         self.log = root / "switch.log"
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-m", "alacrity.switch", "--control-fd", str(theirs.fileno()),
-                "--offloads" if offloads else "--no-offloads"]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)
-        theirs.close()
-        self.ctl = Control(ours, timeout=10.0)
+            self.switch = SwitchProcess("lan", offloads=offloads, log_file=log, timeout=10.0)
+        self.ctl = self.switch.control
         self.listeners: list[socket.socket] = []
         self.clients: list[NetClient] = []
         self.errors: list[str] = []
@@ -127,14 +122,7 @@ class Lan:
             nic.close()
         for listener in self.listeners:
             close_listener(listener)
-        with contextlib.suppress(OSError, RuntimeError, ValueError):
-            self.ctl.request({"op": "quit"})
-        self.ctl.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        self.switch.stop()
 
 
 def close_listener(listener: socket.socket) -> None:

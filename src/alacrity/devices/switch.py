@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import IO, Any
 
 from alacrity.devices.base import Attribute, Device, parse_text
 from alacrity.errors import AdminError
@@ -70,17 +70,20 @@ def _parse_seconds(text: str) -> float:
 class SwitchProcess:
     """One running `python -m alacrity.switch`, reached over a socketpair."""
 
-    def __init__(self, name: str, *, mtu: int, mac_prefix: str, ageing_s: float) -> None:
+    def __init__(self, name: str, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
+                 ageing_s: float = 300.0, offloads: bool = True, log_file: IO[bytes] | None = None,
+                 timeout: float = 5.0) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "alacrity.switch", "--control-fd", str(theirs.fileno()),
                 "--user", SWITCH_USER, "--mtu", str(mtu), "--mac-prefix", mac_prefix,
-                "--ageing", str(ageing_s)]
+                "--ageing", str(ageing_s), "--offloads" if offloads else "--no-offloads"]
         try:
-            # Its log lines go where the daemon's go.
-            self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            # Without `log_file`, its log lines go where the daemon's go.
+            self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                         stdout=log_file, stderr=log_file)
         finally:
             theirs.close()
-        self.control = Control(ours, timeout=5.0)
+        self.control = Control(ours, timeout=timeout)
         self.started = time.monotonic()
         log.info("switch %s: process %d started", name, self.proc.pid)
 
