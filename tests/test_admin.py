@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import shutil
 import signal
@@ -408,7 +409,7 @@ def test_tree_layout_and_typing(tree: Tree):
     assert tree.sh("cat devices/d1/size").stdout == "2G\n"
     assert tree.sh("cat devices/d1/connections").stdout == "0\n"
     listing = tree.sh("ls -l devices/d1").stdout
-    assert "-rw-r--r-- 1 root root" in listing and "-r--r--r-- 1 root root" in listing
+    assert "-rw------- 1 root root" in listing and "-r-------- 1 root root" in listing
     tree.fails("echo 1 > devices/d1/connections", "Permission denied")
     tree.fails("echo x > devices/d1/newfile", "Operation not permitted")
     tree.fails("mkdir classes/new", "Operation not permitted")
@@ -456,6 +457,9 @@ def test_tree_members(tree: Tree, sleeper: subprocess.Popen):
     tree.fails(f"echo {child} > buses/b2/members", "Device or resource busy")
     tree.fails(f"echo {2**22 + 7} > buses/b2/members", "No such process")
     tree.fails("echo abc > buses/b2/members", "Invalid argument")
+    # Only ASCII decimal names a pid ("\u0663" is ARABIC-INDIC DIGIT THREE), and never the daemon's.
+    tree.fails("echo \u0663 > buses/b2/members", "Invalid argument")
+    tree.fails(f"echo {os.getpid()} > buses/b2/members", "Invalid argument")
     tree.sh(f"echo -{sleeper.pid} > buses/b1/members")
     assert tree.sh("cat buses/b1/members").stdout == ""
     tree.sh(f"echo {child} > buses/b2/members")
@@ -466,7 +470,10 @@ def test_tree_members(tree: Tree, sleeper: subprocess.Popen):
 def test_tree_refuses_non_root(tree: Tree):
     tree.sh("mkdir devices/d1 && echo blk > devices/d1/type")
     as_nobody = "setpriv --reuid=nobody --regid=nogroup --clear-groups bash -c"
-    assert tree.sh(f"{as_nobody} 'cat devices/d1/type'").stdout == "blk\n"
+    # The tree tells other buses' secrets (image paths, member pids): root reads it, nobody else.
+    tree.fails(f"{as_nobody} 'cat devices/d1/type'", "Permission denied")
+    tree.fails(f"{as_nobody} 'ls {tree.mnt}'", "Permission denied")
+    tree.fails(f"{as_nobody} 'stat {tree.mnt}/buses'", "Permission denied")
     tree.fails(f"{as_nobody} 'echo 1G > devices/d1/size'", "Permission denied")
     tree.fails(f"{as_nobody} 'mkdir devices/d2'", "Permission denied")
     tree.fails(f"{as_nobody} 'mkdir buses/b1'", "Permission denied")
@@ -475,6 +482,22 @@ def test_tree_refuses_non_root(tree: Tree):
     tree.fails(f"{as_nobody} 'rmdir devices/d1'", "Permission denied")
     assert tree.sh("cat devices/d1/size").stdout == "1G\n"
     assert tree.model.device_names() == ["d1"]
+
+
+@needs_fuse
+def test_admin_group_may_read_but_not_write(tree: Tree):
+    from alacrity.admin.tree import mount
+
+    tree.sh("mkdir devices/d1 && echo blk > devices/d1/type")
+    tree.handle.unmount()
+    tree.handle = mount(tree.model, tree.mnt, admin_gid=grp.getgrnam("adm").gr_gid)
+    as_admin = "setpriv --reuid=nobody --regid=nogroup --groups=adm bash -c"
+    assert tree.sh(f"{as_admin} 'cat devices/d1/type'").stdout == "blk\n"
+    assert tree.sh(f"{as_admin} 'ls {tree.mnt}'").stdout.split() == ["buses", "classes", "devices"]
+    tree.fails(f"{as_admin} 'echo 1G > devices/d1/size'", "Permission denied")
+    tree.fails(f"{as_admin} 'mkdir devices/d2'", "Permission denied")
+    as_other = "setpriv --reuid=nobody --regid=nogroup --clear-groups bash -c"
+    tree.fails(f"{as_other} 'cat devices/d1/type'", "Permission denied")
 
 
 @needs_fuse

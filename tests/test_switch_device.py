@@ -132,7 +132,12 @@ def test_every_open_is_a_port_of_an_unprivileged_process(daemon, holders):
 
     pid = switch_pid(daemon, "sw0")
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    assert status["Uid"].split() == ["65534"] * 4, status["Uid"]
+    # A uid and gid of its own from the daemon's id range, shared with no other process.
+    uid = status["Uid"].split()
+    assert len(set(uid)) == 1 and 900000 <= int(uid[0]) < 901000, status["Uid"]
+    assert status["Gid"].split() == uid and status["Groups"].strip() == "", status["Gid"]
+    others = subprocess.run(["pgrep", "-U", uid[0]], capture_output=True, text=True).stdout.split()
+    assert others == [str(pid)]
     assert int(status["CapEff"], 16) == 0 and status["NoNewPrivs"].strip() == "1"
     assert sorted(os.listdir(f"/proc/{pid}/fd"), key=int)  # it holds only what it was handed
     assert write(daemon, "devices/sw0/mtu", "1400") == errno.EBUSY

@@ -5,6 +5,7 @@ read and write it. The FUSE layer (`tree.py`) adds permissions and errno mapping
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -179,8 +180,11 @@ def write_members(model: Model, bus: str, text: str) -> None:
     for word in words:
         expel = word.startswith("-")
         digits = word[1:] if expel else word
-        if not digits.isdigit() or int(digits) <= 0:
+        # isdigit() takes any script's digits ("\u0663" is 3): only ASCII decimal names a pid.
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 10 or int(digits) <= 0:
             raise AdminError(errno.EINVAL, f"not a pid: {word!r} (write PID to admit, -PID to expel)")
+        if not expel and int(digits) == os.getpid():
+            raise invalid(f"pid {digits} is alacrityd itself; admit the process that should join")
         if expel:
             model.expel(bus, int(digits))
         else:

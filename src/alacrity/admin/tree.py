@@ -1,8 +1,11 @@
 """The FUSE admin tree over the bus model, with configfs semantics.
 
-Everyone may read; only uid 0 may change anything. The kernel's permission checks
-are off (no default_permissions) because the tree's modes cannot express
-"root only, and only these files": every operation checks the caller itself.
+Only root, and an administrators' group if the daemon was given one, may read it: the
+tree names every bus's devices, image paths and member pids, which a member must not
+learn about other buses (a member asks the gate's control socket about its own bus).
+The kernel enforces that from the modes shown (default_permissions). Only uid 0 may
+change anything, which modes cannot express for root-owned files: every change checks
+the caller itself.
 A refused change fails in the system call that made it (mkdir, write, ln -s...)
 with the model's errno, and the reason goes to the `alacrity.admin` log.
 """
@@ -61,9 +64,11 @@ def _change(op: str) -> Callable[[F], F]:
 class AdminTree(mfusepy.Operations):
     use_ns = True
 
-    def __init__(self, model: Model, mountpoint: str) -> None:
+    def __init__(self, model: Model, mountpoint: str, admin_gid: int | None = None) -> None:
         self.model = model
         self.mountpoint = os.path.abspath(mountpoint)
+        # Group read (and search) for the administrators' group, if there is one.
+        self.gid, self.group_bits = (admin_gid, 0o050) if admin_gid is not None else (0, 0)
         self.started = time.time_ns()
         self._handles: dict[int, bytes] = {}
         self._next_fh = itertools.count(1)
@@ -74,6 +79,9 @@ class AdminTree(mfusepy.Operations):
             return resolve(self.model, path)
         except Missing:
             raise mfusepy.FuseOSError(errno.ENOENT) from None
+        except AdminError as exc:  # a device's state could not be had (e.g. a switch not answering)
+            log.warning("lookup %s: %s", path, exc.message)
+            raise mfusepy.FuseOSError(exc.errno) from None
 
     def _content(self, node: Node) -> bytes:
         try:
@@ -86,13 +94,13 @@ class AdminTree(mfusepy.Operations):
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         node = self._node(path)
         times = {"st_atime": self.started, "st_mtime": self.started, "st_ctime": self.started}
-        base = {"st_uid": 0, "st_gid": 0, **times}
+        base = {"st_uid": 0, "st_gid": self.gid, **times}
         if node.kind == "dir":
-            return {**base, "st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
+            return {**base, "st_mode": stat.S_IFDIR | 0o700 | self.group_bits, "st_nlink": 2}
         if node.kind == "link":
             size = len(node.read().encode())
             return {**base, "st_mode": stat.S_IFLNK | 0o777, "st_nlink": 1, "st_size": size}
-        mode = 0o644 if node.writable else 0o444
+        mode = (0o600 if node.writable else 0o400) | (self.group_bits & 0o040)
         size = len(self._content(node))
         return {**base, "st_mode": stat.S_IFREG | mode, "st_nlink": 1, "st_size": size}
 
@@ -284,12 +292,14 @@ def _clear_stale(mountpoint: str) -> None:
     os.makedirs(mountpoint, exist_ok=True)
 
 
-def mount(model: Model, mountpoint: str | os.PathLike[str], *, timeout: float = 10.0) -> Mount:
-    """Serve the admin tree of `model` at `mountpoint` (multithreaded, allow_other);
-    returns once the mount is visible. Raises OSError if it could not be mounted."""
+def mount(model: Model, mountpoint: str | os.PathLike[str], *, timeout: float = 10.0,
+          admin_gid: int | None = None) -> Mount:
+    """Serve the admin tree of `model` at `mountpoint` (multithreaded, allow_other, readable
+    by root and `admin_gid`); returns once the mount is visible. Raises OSError if it could
+    not be mounted."""
     path = os.path.abspath(os.fspath(mountpoint))
     _clear_stale(path)
-    tree = AdminTree(model, path)
+    tree = AdminTree(model, path, admin_gid)
     handle: Mount
 
     def serve() -> None:
@@ -299,6 +309,7 @@ def mount(model: Model, mountpoint: str | os.PathLike[str], *, timeout: float = 
                 path,
                 foreground=True,
                 allow_other=True,
+                default_permissions=True,
                 direct_io=True,
                 fsname="alacrity",
                 subtype="alacrity",

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from alacrity import ids
 from alacrity.admin.tree import mount
 from alacrity.bus.gate import Gate
 from alacrity.bus.model import Model
+from alacrity.devices.base import reserve_paths
 
 log = logging.getLogger("alacrity.daemon")
 
@@ -21,6 +24,8 @@ class DaemonConfig:
     mountpoint: Path = Path("/run/alacrity")
     state_dir: Path = Path("/var/lib/alacrity")
     run_dir: Path = Path("/run/alacrityd")
+    id_range: tuple[int, int] = (ids.DEFAULT_START, ids.DEFAULT_COUNT)
+    admin_gid: int | None = None  # a group that may read the admin tree, besides root
 
     @property
     def database(self) -> Path:
@@ -34,11 +39,16 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
+        _raise_fd_limit()
+        ids.configure(*cfg.id_range)
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.model = Model(cfg.database)
         self.gate = Gate(self.model, cfg.run_dir)
         self.gate.start()
-        self.admin = mount(self.model, str(cfg.mountpoint))
+        self.admin = mount(self.model, str(cfg.mountpoint), admin_gid=cfg.admin_gid)
+        # No image may be the daemon's own: its tree, its sockets, its database.
+        db = str(cfg.database)
+        reserve_paths(cfg.mountpoint, cfg.run_dir, db, f"{db}-journal", f"{db}-wal", f"{db}-shm")
         (cfg.run_dir / "alacrityd.pid").write_text(f"{os.getpid()}\n")
         log.info(
             "alacrityd %d: admin tree %s, sockets %s, configuration %s",
@@ -72,3 +82,10 @@ class Daemon:
                 pass
         finally:
             self.stop()
+
+
+def _raise_fd_limit() -> None:
+    """Every connection and guest memory region costs the daemon fds: take all we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

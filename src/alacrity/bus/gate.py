@@ -1,27 +1,35 @@
 """The gate: every connection to the daemon is checked when it is accepted.
 
-The peer is identified by SO_PEERCRED (pid, uid) and the pid's start time, and
-its bus is found through membership (bus/model.py). The control socket answers
-only about the peer's own bus; each device's vhost-user socket closes at once
-on a peer outside that device's buses. Every refusal is logged.
+The peer is identified from the socket itself (identity.py) and its bus is found
+through membership (bus/model.py). The control socket answers only about the peer's
+own bus; each device's vhost-user socket closes at once on a peer outside that
+device's buses. Every refusal is logged.
+
+One thread runs the gate, on non-blocking sockets, and nothing in it waits on a peer
+or a device without a bound: control connections are served by this event loop (capped
+per uid and in total, closed when idle), devices that adopt connections take them
+through a bounded queue of their own, and accept errors such as EMFILE pause
+accepting for a moment instead of spinning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import selectors
 import socket
-import struct
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from alacrity.bus import peers
+from alacrity.bus.identity import IdentityError, Peer, identify, peer_uid
 from alacrity.bus.model import Model
+from alacrity.devices.base import Device
 from alacrity.errors import AdminError
 from alacrity.vhost_user.connection import Connection
 
@@ -29,32 +37,34 @@ log = logging.getLogger("alacrity.gate")
 
 CONTROL_SOCKET = "control.sock"
 MAX_REQUEST = 4096
+MAX_REPLY_BACKLOG = 1 << 20  # a peer that does not read its replies is dropped past this
 REFUSAL_LOG_S = 10.0
+#: Control connections: at most this many at once from one uid, and in all.
+MAX_CONTROL_PER_UID = 32
+MAX_CONTROL_TOTAL = 512
+#: A control connection with no request for this long is closed.
+CONTROL_IDLE_S = 30.0
+#: Connections accepted from one listening socket per turn of the loop, so a flood on
+#: one socket leaves the others their turn.
+ACCEPT_BATCH = 8
+#: Connections a non-root uid may make per second (sustained, and in a burst): each costs
+#: the gate an identity check, so a flood from one user is refused before it, cheaply.
+CONNECT_RATE = 200.0
+CONNECT_BURST = 400.0
+#: After accept() fails for lack of fds or memory, accepting pauses this long.
+ACCEPT_PAUSE_S = 0.1
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-@dataclass(frozen=True)
-class Peer:
-    pid: int
-    uid: int
-    start_time: int | None
-    ident: int | None  # pidfs inode of the connecting process itself, where the kernel has it
+@dataclass(eq=False)
+class ControlConn:
+    """One control connection: one JSON request per line in, one JSON reply per line out."""
 
-
-SO_PEERPIDFD = 77  # Linux 6.5+; not yet named by Python 3.11's socket module
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return Peer(pid, uid, peers.start_time(pid), _peer_ident(sock))
-
-
-def _peer_ident(sock: socket.socket) -> int | None:
-    """The pidfs inode of the process that connected, taken from the socket itself, so a
-    pid reused after connect() cannot pass for the peer."""
-    try:
-        return peers.pidfd_ident(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
-    except OSError:
-        return None
+    sock: socket.socket
+    peer: Peer
+    inbox: bytearray = field(default_factory=bytearray)
+    outbox: bytearray = field(default_factory=bytearray)
+    last_active: float = field(default_factory=time.monotonic)
 
 
 class Gate:
@@ -67,9 +77,14 @@ class Gate:
         self.selector = selectors.DefaultSelector()
         self.listeners: dict[str, socket.socket] = {}  # device name -> listening socket
         self.connections: set[Connection] = set()
+        self.controls: dict[int, ControlConn] = {}  # by fd
+        self.controls_per_uid: Counter[int] = Counter()
         self.lock = threading.Lock()
         self.refusals = 0
         self.refusal_log: dict[tuple[int, str, str], tuple[float, int]] = {}
+        self.connect_budget: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when)
+        self.accept_paused_until = 0.0
+        self.accept_errors_logged = 0.0
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._loop, name="gate", daemon=True)
         self.stopping = False
@@ -81,8 +96,8 @@ class Gate:
         # Members learn socket paths from the control socket; nobody lists them.
         os.chmod(self.device_dir, 0o711)
         self.control = self._listen(self.run_dir / CONTROL_SOCKET)
-        self.selector.register(self.control, selectors.EVENT_READ, None)
-        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.selector.register(self.control, selectors.EVENT_READ, ("listen", None))
+        self.selector.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
         for name in self.model.device_names():
             if self.model.device(name).instance is not None:
                 self.add_device(name)
@@ -91,13 +106,19 @@ class Gate:
 
     def stop(self) -> None:
         self.stopping = True
-        os.write(self.wake_w, b"x")
+        self._wake()
         self.thread.join(timeout=5)
         for conn in list(self.connections):
             conn.shutdown()
+        for control in list(self.controls.values()):
+            self._close_control(control)
         for name in list(self.listeners):
             self.remove_device(name)
         self.control.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # full: already awake
+            os.write(self.wake_w, b"x")
 
     @staticmethod
     def _listen(path: Path) -> socket.socket:
@@ -105,7 +126,7 @@ class Gate:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         sock.bind(str(path))
         os.chmod(path, 0o666)  # anyone may knock; the gate decides
-        sock.listen(64)
+        sock.listen(128)
         sock.setblocking(False)
         return sock
 
@@ -125,39 +146,129 @@ class Gate:
                 return
             sock = self._listen(self.socket_path(name))
             self.listeners[name] = sock
-            self.selector.register(sock, selectors.EVENT_READ, name)
-        os.write(self.wake_w, b"x")
+            if not self._accept_paused():
+                self.selector.register(sock, selectors.EVENT_READ, ("listen", name))
+        self._wake()
 
     def remove_device(self, name: str) -> None:
         with self.lock:
             sock = self.listeners.pop(name, None)
             if sock is None:
                 return
-            self.selector.unregister(sock)
+            if sock.fileno() in self.selector.get_map():
+                self.selector.unregister(sock)
             sock.close()
             self.socket_path(name).unlink(missing_ok=True)
 
-    # -- accepting
+    # -- the loop
     def _loop(self) -> None:
         while not self.stopping:
-            for key, _ in self.selector.select():
-                if key.data == "wake":
-                    os.read(self.wake_r, 4096)
-                    continue
+            timeout = self._next_deadline()
+            for key, events in self.selector.select(timeout):
+                kind, data = key.data
                 try:
-                    sock, _ = key.fileobj.accept()  # type: ignore[union-attr]
-                except (BlockingIOError, OSError):
-                    continue
-                sock.setblocking(True)
-                if key.data is None:
-                    threading.Thread(target=self._control, args=(sock,), daemon=True).start()
-                else:
-                    self._admit(sock, key.data)
+                    if kind == "wake":
+                        os.read(self.wake_r, 4096)
+                    elif kind == "listen":
+                        self._accept(key.fileobj, data)  # type: ignore[arg-type]
+                    elif kind == "control":
+                        self._service_control(data, events)
+                except Exception:  # one bad connection must never stop the gate
+                    log.exception("gate: unexpected error on %s %s", kind, data)
+                    if kind == "control":
+                        self._close_control(data)
+            self._expire(time.monotonic())
+
+    def _next_deadline(self) -> float:
+        now = time.monotonic()
+        deadlines = [c.last_active + CONTROL_IDLE_S for c in self.controls.values()]
+        if self.accept_paused_until:
+            deadlines.append(self.accept_paused_until)
+        return max(0.0, min(deadlines) - now) if deadlines else CONTROL_IDLE_S
+
+    def _expire(self, now: float) -> None:
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self._resume_accepting()
+        for control in list(self.controls.values()):
+            if now - control.last_active > CONTROL_IDLE_S:
+                log.info("control connection of pid %d idle for %.0f s: closed", control.peer.pid,
+                         CONTROL_IDLE_S)
+                self._close_control(control)
+
+    # -- accepting
+    def _accept(self, listener: socket.socket, device: str | None) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    self._pause_accepting(exc)
+                return
+            what = f"device {device}" if device else "control socket"
+            uid = peer_uid(sock)
+            if not self._within_rate(uid):
+                self.refuse(sock, what, None, f"uid {uid} connects faster than {CONNECT_RATE:.0f} a second")
+                continue
+            try:
+                peer = identify(sock)
+            except IdentityError as exc:
+                self.refuse(sock, what, None, str(exc))
+                continue
+            if device is None:
+                self._open_control(sock, peer)
+            else:
+                self._admit(sock, device, peer)
+
+    def _within_rate(self, uid: int | None) -> bool:
+        """Token bucket per uid; root's connections (QEMU, bus exec) are not limited."""
+        if uid == 0:
+            return True
+        now = time.monotonic()
+        tokens, when = self.connect_budget.get(uid, (CONNECT_BURST, now))
+        tokens = min(CONNECT_BURST, tokens + (now - when) * CONNECT_RATE)
+        if len(self.connect_budget) > 4096:
+            self.connect_budget.clear()
+        if tokens < 1:
+            self.connect_budget[uid] = (tokens, now)
+            return False
+        self.connect_budget[uid] = (tokens - 1, now)
+        return True
+
+    def _accept_paused(self) -> bool:
+        return self.accept_paused_until > 0
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        """Out of fds or memory: listening sockets stay readable, so stop watching them
+        for a moment rather than spin; the backlog waits in the kernel."""
+        now = time.monotonic()
+        if now - self.accept_errors_logged > REFUSAL_LOG_S:
+            self.accept_errors_logged = now
+            log.error("accept failed (%s): pausing for %.0f ms; raise the daemon's fd limit if this "
+                      "recurs", exc.strerror, ACCEPT_PAUSE_S * 1000)
+        self.accept_paused_until = now + ACCEPT_PAUSE_S
+        with self.lock:
+            for sock in [self.control, *self.listeners.values()]:
+                if sock.fileno() in self.selector.get_map():
+                    self.selector.unregister(sock)
+
+    def _resume_accepting(self) -> None:
+        self.accept_paused_until = 0.0
+        with self.lock:
+            listening = [(self.control, None), *((s, n) for n, s in self.listeners.items())]
+            for sock, name in listening:
+                if sock.fileno() not in self.selector.get_map():
+                    self.selector.register(sock, selectors.EVENT_READ, ("listen", name))
 
     def refuse(self, sock: socket.socket, what: str, peer: Peer | None, why: str) -> None:
-        self.refusals += 1
         sock.close()
-        who = f"pid {peer.pid} (uid {peer.uid})" if peer else "unknown peer"
+        with self.lock:
+            self._log_refusal(what, peer, why)
+
+    def _log_refusal(self, what: str, peer: Peer | None, why: str) -> None:
+        self.refusals += 1
+        who = f"pid {peer.pid} (uid {peer.uid})" if peer else "unidentified peer"
         # A refused QEMU retries thousands of times a second: log each (peer, what, why)
         # once per REFUSAL_LOG_S, with how many were not logged meanwhile.
         key = (peer.pid if peer else 0, what, why)
@@ -172,18 +283,8 @@ class Gate:
         more = f" ({quiet} more like it not logged)" if quiet else ""
         log.warning("refused %s to %s: %s%s", what, who, why, more)
 
-    def _member_bus(self, peer: Peer) -> str | None:
-        if peer.start_time is None:
-            return None
-        bus = self.model.bus_of(peer.pid)
-        # The pid must still be the process that connected.
-        if bus is not None and not peers.alive(peer.pid, peer.start_time, peer.ident):
-            return None
-        return bus
-
-    def _admit(self, sock: socket.socket, device: str) -> None:
-        peer = peer_of(sock)
-        bus = self._member_bus(peer)
+    def _admit(self, sock: socket.socket, device: str, peer: Peer) -> None:
+        bus = self.model.bus_of_chain(peer.chain)
         if bus is None:
             return self.refuse(sock, f"device {device}", peer, "not a member of any bus")
         try:
@@ -193,44 +294,115 @@ class Gate:
             if instance is None:
                 raise AdminError(errno.ENOENT, "device has no type")
             if instance.adopts_connections:
+                # The device takes it over through its own bounded queue: never waits here.
                 instance.adopt(sock, peer.pid, f"{device}[pid {peer.pid}]")
                 log.info("pid %d on bus %s connected to %s", peer.pid, bus, device)
                 return None
-            session = instance.open(peer.pid)
         except AdminError as exc:
             return self.refuse(sock, f"device {device}", peer, exc.message)
-        conn = Connection(sock, session, f"{device}[pid {peer.pid}]", on_error=instance.record_error)
-        log.info("pid %d on bus %s connected to %s", peer.pid, bus, device)
+        # Opening the session touches the device's files (an image on a slow filesystem):
+        # that happens in the connection's own thread, never in the gate's.
+        label = f"{device}[pid {peer.pid}]"
+        threading.Thread(target=self._serve, args=(sock, instance, peer, bus, label), name=label,
+                         daemon=True).start()
+        return None
+
+    def _serve(self, sock: socket.socket, instance: Device, peer: Peer, bus: str, label: str) -> None:
+        try:
+            session = instance.open(peer.pid)
+        except AdminError as exc:
+            return self.refuse(sock, f"device {instance.name}", peer, exc.message)
+        sock.setblocking(True)
+        conn = Connection(sock, session, label, on_error=instance.record_error)
+        log.info("pid %d on bus %s connected to %s", peer.pid, bus, instance.name)
         with self.lock:
             self.connections.add(conn)
-        threading.Thread(target=self._serve, args=(conn,), name=conn.label, daemon=True).start()
-
-    def _serve(self, conn: Connection) -> None:
         try:
             conn.serve()
         finally:
             with self.lock:
                 self.connections.discard(conn)
+        return None
 
-    # -- the control socket: one JSON request per line, one JSON reply per line
-    def _control(self, sock: socket.socket) -> None:
-        peer = peer_of(sock)
-        bus = self._member_bus(peer)
-        with sock, sock.makefile("rwb") as stream:
-            # Bounded read: a line is checked before it can grow without limit.
-            while line := stream.readline(MAX_REQUEST + 1):
-                if len(line) > MAX_REQUEST:
-                    log.warning("control request over %d bytes from pid %d: closed", MAX_REQUEST, peer.pid)
-                    return
-                try:
-                    request = json.loads(line)
-                    op = request["op"]
-                except (ValueError, KeyError, TypeError):
-                    reply = {"error": 'bad request: send {"op": "devices"} or {"op": "whoami"}'}
-                else:
-                    reply = self._answer(op, peer, bus)
-                stream.write(json.dumps(reply).encode() + b"\n")
-                stream.flush()
+    # -- the control socket
+    def _open_control(self, sock: socket.socket, peer: Peer) -> None:
+        if peer.uid != 0 and self.controls_per_uid[peer.uid] >= MAX_CONTROL_PER_UID:
+            return self.refuse(sock, "control socket", peer,
+                               f"uid {peer.uid} already has {MAX_CONTROL_PER_UID} control connections")
+        if len(self.controls) >= MAX_CONTROL_TOTAL:
+            return self.refuse(sock, "control socket", peer,
+                               f"{MAX_CONTROL_TOTAL} control connections are open")
+        sock.setblocking(False)
+        control = ControlConn(sock, peer)
+        self.controls[sock.fileno()] = control
+        self.controls_per_uid[peer.uid] += 1
+        self.selector.register(sock, selectors.EVENT_READ, ("control", control))
+        return None
+
+    def _close_control(self, control: ControlConn) -> None:
+        fd = control.sock.fileno()
+        if self.controls.pop(fd, None) is None:
+            return
+        self.controls_per_uid[control.peer.uid] -= 1
+        if self.controls_per_uid[control.peer.uid] <= 0:
+            del self.controls_per_uid[control.peer.uid]
+        if fd in self.selector.get_map():
+            self.selector.unregister(fd)
+        control.sock.close()
+
+    def _service_control(self, control: ControlConn, events: int) -> None:
+        if events & selectors.EVENT_WRITE and not self._flush(control):
+            return
+        if not events & selectors.EVENT_READ:
+            return
+        try:
+            data = control.sock.recv(MAX_REQUEST + 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._close_control(control)
+        control.last_active = time.monotonic()
+        control.inbox += data
+        while (end := control.inbox.find(b"\n")) >= 0:
+            line, control.inbox = bytes(control.inbox[:end]), control.inbox[end + 1 :]
+            reply = self._reply(line, control.peer)
+            control.outbox += json.dumps(reply).encode() + b"\n"
+        if len(control.inbox) > MAX_REQUEST:
+            log.warning("control request over %d bytes from pid %d: closed", MAX_REQUEST, control.peer.pid)
+            return self._close_control(control)
+        self._flush(control)
+        return None
+
+    def _flush(self, control: ControlConn) -> bool:
+        """Send what we can without blocking; False if the connection was closed."""
+        try:
+            while control.outbox:
+                sent = control.sock.send(control.outbox)
+                del control.outbox[:sent]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._close_control(control)
+            return False
+        if len(control.outbox) > MAX_REPLY_BACKLOG:
+            log.warning("pid %d does not read its control replies: closed", control.peer.pid)
+            self._close_control(control)
+            return False
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if control.outbox else 0)
+        self.selector.modify(control.sock, events, ("control", control))
+        return True
+
+    def _reply(self, line: bytes, peer: Peer) -> dict:
+        try:
+            request = json.loads(line)
+            op = request["op"]
+            if not isinstance(op, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return {"error": 'bad request: send {"op": "devices"} or {"op": "whoami"}'}
+        return self._answer(op, peer, self.model.bus_of_chain(peer.chain))
 
     def _answer(self, op: str, peer: Peer, bus: str | None) -> dict:
         if op == "whoami":

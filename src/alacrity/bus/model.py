@@ -200,6 +200,13 @@ class Model:
                     raise not_found(f"device {name!r}: class {entry.class_name!r} is not available")
                 raise not_found(f"device {name!r} has no type: write a class to devices/{name}/type first")
             device.attribute(attr)
+            checked = dict(device.values)
+        # Unlocked: the check may stat a path into a FUSE filesystem, even the admin tree,
+        # whose handlers take this lock.
+        device.precheck(attr, text)
+        with self.lock:
+            if self._devices.get(name) is not entry or device.values != checked:
+                raise busy(f"devices/{name} changed while {attr} was being checked; write it again")
             old = (dict(device.values), dict(device.texts))
             device.set_attribute(attr, text)
             texts = {**entry.texts, attr: device.texts[attr]}
@@ -341,11 +348,11 @@ class Model:
         with self.lock:
             entry = self._bus(bus)
             task = peers.task(pid)
-            if task is None:
-                raise AdminError(errno.ESRCH, f"no process {pid}")
+            if task is None or not peers.is_process(pid):
+                raise AdminError(errno.ESRCH, f"no process {pid} (a thread id is not a process)")
             if pid == 1:
                 raise invalid("pid 1 would put every process on the bus; admit a child of it")
-            current = self._bus_of_locked(pid)
+            current = self._bus_of_chain_locked(peers.ancestry(pid))
             if current == bus:
                 return
             if current is not None:
@@ -375,11 +382,15 @@ class Model:
 
     def bus_of(self, pid: int) -> str | None:
         """The bus of the task running as `pid`: its own or its nearest ancestor's."""
-        with self.lock:
-            return self._bus_of_locked(pid)
+        return self.bus_of_chain(peers.ancestry(pid))
 
-    def _bus_of_locked(self, pid: int) -> str | None:
-        chain = peers.ancestry(pid)
+    def bus_of_chain(self, chain: tuple[peers.Task, ...] | list[peers.Task]) -> str | None:
+        """The bus of the first task in `chain` (a task and its ancestors, nearest first)
+        that is a recorded member; None if none is."""
+        with self.lock:
+            return self._bus_of_chain_locked(chain)
+
+    def _bus_of_chain_locked(self, chain: tuple[peers.Task, ...] | list[peers.Task]) -> str | None:
         for task in chain:
             for bus in self._buses.values():
                 member = bus.members.get(task.pid)

@@ -22,8 +22,10 @@ class _Stat(NamedTuple):
     start_time: int
 
 
-# Bounds the walk up the process tree, in case /proc changes under us into a cycle.
-_MAX_DEPTH = 4096
+#: How far up the process tree a peer's bus is looked for: a task more than this many
+#: generations below its bus's member is not on the bus. Bounds what one connection
+#: can cost the gate (a deep fork chain would otherwise make every accept slow).
+MAX_DEPTH = 64
 
 
 def _stat(pid: int) -> _Stat | None:
@@ -66,6 +68,18 @@ def task(pid: int) -> Task | None:
     return Task(pid, stat.start_time)
 
 
+def is_process(pid: int) -> bool:
+    """True if `pid` is a process (a thread group leader), not another thread's id."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
+    return False
+
+
 def ident(pid: int) -> int | None:
     """The pidfs inode of `pid` (Linux 6.9+): unique per process for the whole boot,
     unlike start times, which two processes started within one clock tick share."""
@@ -99,6 +113,27 @@ def _pidfs() -> bool:
             os.close(fd)
 
 
+def pidfd_pid(pidfd: int) -> int | None:
+    """The pid, in our pid namespace, of the process a pidfd refers to; None once it has
+    exited (or when it is outside our namespace). A pidfd names one process for good,
+    so a pid read from it and re-read after use cannot be a reused one. Raises OSError
+    if fdinfo cannot be read (e.g. EMFILE)."""
+    with open(f"/proc/self/fdinfo/{pidfd}", "rb") as f:
+        for line in f:
+            if line.startswith(b"Pid:"):
+                try:
+                    pid = int(line.split()[1])
+                except (ValueError, IndexError):
+                    return None
+                return pid if pid > 0 else None
+    return None
+
+
+def inode_of(pidfd: int) -> int | None:
+    """The pidfs inode of a pidfd (kept open), where the kernel has pidfs."""
+    return os.fstat(pidfd).st_ino if _pidfs() else None
+
+
 def alive(pid: int, started: int, known_ident: int | None = None) -> bool:
     """True if `pid` still runs the process that started at `started` (not a zombie)
     and, when its pidfs inode was recorded, has that inode."""
@@ -108,11 +143,12 @@ def alive(pid: int, started: int, known_ident: int | None = None) -> bool:
     return known_ident is None or ident(pid) in (None, known_ident)
 
 
-def ancestry(pid: int) -> list[Task]:
-    """(pid, start_time) from `pid` up to pid 1; shorter if a process vanishes meanwhile."""
+def ancestry(pid: int, depth: int = MAX_DEPTH) -> list[Task]:
+    """(pid, start_time) from `pid` up towards pid 1, at most `depth` tasks; shorter if a
+    process vanishes meanwhile."""
     chain: list[Task] = []
     seen: set[int] = set()
-    while pid > 0 and pid not in seen and len(chain) < _MAX_DEPTH:
+    while pid > 0 and pid not in seen and len(chain) < depth:
         stat = _stat(pid)
         if stat is None:
             break

@@ -102,6 +102,15 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-dir", type=Path, default=Path("/var/lib/alacrity"), help="persistent configuration"
     )
     parser.add_argument("--run-dir", type=Path, default=Path("/run/alacrityd"), help="sockets")
+    parser.add_argument(
+        "--id-range", default="900000:1000", metavar="START:COUNT",
+        help="uids (and gids) for the bus's unprivileged processes, one each: switches "
+        "(default 900000:1000; no other user or service may use them)",
+    )
+    parser.add_argument(
+        "--admin-group", metavar="GROUP",
+        help="a group whose members may read the admin tree (default: root only)",
+    )
 
 
 def setup_logging(verbose: bool) -> None:
@@ -139,9 +148,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
+    import grp
+
+    from alacrity import ids
     from alacrity.bus.daemon import Daemon, DaemonConfig
 
-    Daemon(DaemonConfig(args.mount, args.state_dir, args.run_dir)).run()
+    try:
+        id_range = ids.parse_range(args.id_range)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    admin_gid = None
+    if args.admin_group:
+        try:
+            admin_gid = grp.getgrnam(args.admin_group).gr_gid
+        except KeyError:
+            why = f"no group {args.admin_group!r}: create it (groupadd) or drop --admin-group"
+            raise UserError(why) from None
+    Daemon(DaemonConfig(args.mount, args.state_dir, args.run_dir, id_range, admin_gid)).run()
     return 0
 
 
@@ -151,7 +174,11 @@ def daemon_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    return run_daemon(args)
+    try:
+        return run_daemon(args)
+    except UserError as exc:
+        print(f"alacrityd: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ The admin tree shows its `attributes` as files; the vhost-user layer opens a
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -18,14 +19,41 @@ from typing import Any, ClassVar
 from alacrity.errors import AdminError, busy, invalid
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+#: off_t is a signed 64-bit integer: no file can be larger than this.
+MAX_SIZE = (1 << 63) - 1
+
+_reserved: tuple[str, ...] = ()
+
+
+def reserve_paths(*dirs: str | os.PathLike[str]) -> None:
+    """Mark the daemon's own directories (admin mountpoint, run dir, state dir): no
+    image may live under them. Only each parent is resolved, as the last component
+    may be the admin tree's FUSE mount, which must not be looked at."""
+    global _reserved
+    for entry in dirs:
+        path = os.path.abspath(os.fspath(entry))
+        parent, leaf = os.path.split(path)
+        for form in (path, os.path.join(os.path.realpath(parent), leaf)):
+            if form not in _reserved:
+                _reserved = (*_reserved, form)
+
+
+def reserved_paths() -> tuple[str, ...]:
+    """The directories `reserve_paths` marked, absolute and normalized."""
+    return _reserved
 
 
 def parse_size(text: str) -> int:
-    """`4096`, `512M`, `8G` (binary units) -> bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    """`4096`, `512M`, `8G` (binary units) -> bytes, at most MAX_SIZE."""
+    match = re.fullmatch(r"\s*([0-9]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
     if not match:
         raise ValueError(f"not a size: {text!r} (use bytes or a K/M/G/T suffix, e.g. 1G)")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    digits, unit = match.group(1), _SIZE_UNITS[match.group(2).lower()]
+    # Bound the digits before int(): thousands of them are slow to convert, and too large anyway.
+    value = int(digits) * unit if len(digits) <= 20 else MAX_SIZE + 1
+    if value > MAX_SIZE:
+        raise ValueError(f"size {text.strip()} is too large: at most {MAX_SIZE} bytes (2^63-1)")
+    return value
 
 
 def parse_bool(text: str) -> bool:
@@ -114,21 +142,30 @@ class Device:
                 return attr
         raise AdminError(2, f"{cls.class_name} devices have no attribute {name!r}")
 
-    def set_attribute(self, name: str, text: str) -> None:
-        """Validate and store one attribute. Raises AdminError (EINVAL, EBUSY, ENOENT)."""
-        attr = self.attribute(name)
+    def parse(self, name: str, text: str) -> Any:
+        """The value `text` gives attribute `name`. Raises AdminError (EINVAL, ENOENT)."""
         try:
-            value = attr.parse(text)
+            return self.attribute(name).parse(text)
         except ValueError as exc:
             raise invalid(f"{self.name}/{name}: {exc}") from None
-        if not attr.live and self.in_use():
+
+    def set_attribute(self, name: str, text: str) -> None:
+        """Validate and store one attribute. Raises AdminError (EINVAL, EBUSY, ENOENT)."""
+        value = self.parse(name, text)
+        if not self.attribute(name).live and self.in_use():
             raise busy(f"{self.name}/{name} cannot change while the device is in use")
         self.check(name, value)
         self.values[name] = value
         self.texts[name] = text.strip()
 
+    def precheck(self, name: str, text: str) -> None:
+        """Class-specific validation that touches the filesystem (stat, open, create),
+        called before the model takes its lock: a path may lead into a FUSE
+        filesystem, even the admin tree, whose server needs that lock. Raise AdminError."""
+
     def check(self, name: str, value: Any) -> None:
-        """Class-specific validation of one new value (raise AdminError)."""
+        """Class-specific validation of one new value, under the model lock: no
+        filesystem access here (that goes in `precheck`). Raise AdminError."""
 
     def in_use(self) -> bool:
         return self.counters["connections"] > 0

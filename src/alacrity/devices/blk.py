@@ -15,6 +15,7 @@ import struct
 import threading
 from typing import Any
 
+from alacrity.devices import image
 from alacrity.devices.base import Attribute, Device, Session, parse_bool, parse_size, parse_text
 from alacrity.errors import AdminError, busy, invalid
 from alacrity.virtio import blk as vb
@@ -43,8 +44,9 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def _parse_path(text: str) -> str:
     path = parse_text(4096)(text)
-    if path and not os.path.isabs(path):
-        raise ValueError(f"path must be absolute, got {path!r}")
+    problem = path and image.path_problem(path)
+    if problem:
+        raise ValueError(f"{path!r} {problem}")
     return path
 
 
@@ -96,11 +98,19 @@ class BlkDevice(Device):
         self.counters["io_errors"] = 0
         self.sessions: dict[BlkSession, int] = {}
 
+    def precheck(self, name: str, text: str) -> None:
+        if name not in ("path", "size"):
+            return
+        value = self.parse(name, text)
+        # The size matters only for an image still to be created, at the path.
+        path = value if name == "path" else self.values["path"]
+        size = value if name == "size" else self.values["size"]
+        if path and size > 0:
+            image.inspect(path, size)
+
     def check(self, name: str, value: Any) -> None:
         if name == "size" and value <= 0:
             raise invalid(f"{self.name}/size must be positive")
-        if name == "path" and value and not os.path.isdir(os.path.dirname(value)):
-            raise invalid(f"{self.name}/path: directory {os.path.dirname(value)} does not exist")
 
     def open(self, peer_pid: int) -> Session:
         if not self.values["path"]:
@@ -122,18 +132,10 @@ class BlkDevice(Device):
         return session
 
     def _open_image(self, writable: bool) -> int:
-        path = self.values["path"]
         try:
-            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.ftruncate(fd, self.values["size"])  # sparse
-            log.info("%s: created sparse image %s of %d bytes", self.name, path, self.values["size"])
-        except OSError as exc:
-            raise AdminError(
-                exc.errno or errno.EIO, f"{self.name}: cannot open {path}: {exc.strerror}"
-            ) from None
-        return fd
+            return image.open_image(self.values["path"], self.values["size"], writable)
+        except AdminError as exc:
+            raise AdminError(exc.errno, f"{self.name}: {exc.message}") from None
 
     def release(self, session: Session) -> None:
         with self.lock:

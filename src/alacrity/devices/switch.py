@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import queue
 import re
 import socket
 import subprocess
@@ -23,15 +24,19 @@ import threading
 import time
 from typing import IO, Any
 
+from alacrity import ids
 from alacrity.devices.base import Attribute, Device, parse_text
 from alacrity.errors import AdminError
 from alacrity.switch.control import DEFAULT_PREFIX, Control
 
 log = logging.getLogger("alacrity.devices.switch")
 
-#: The user switch processes run as, after start-up.
-SWITCH_USER = os.environ.get("ALACRITY_SWITCH_USER", "nobody")
 STATS_CACHE_S = 0.2
+#: How long the admin tree waits for a switch's view before it fails the read with EIO.
+STATS_TIMEOUT_S = 1.0
+#: Admitted connections waiting to be handed to the switch process; beyond this the gate
+#: refuses new ones (EAGAIN) rather than wait on a slow switch.
+HANDOVER_QUEUE = 64
 RESTART_DELAYS_S = (0.2, 1.0, 5.0, 30.0)  # after the 1st, 2nd, 3rd, further crashes in a row
 STABLE_S = 30.0  # a process that ran this long resets the crash count
 
@@ -68,24 +73,37 @@ def _parse_seconds(text: str) -> float:
 
 
 class SwitchProcess:
-    """One running `python -m alacrity.switch`, reached over a socketpair."""
+    """One running `python -m alacrity.switch`, reached over a socketpair, as a uid of
+    its own leased from the daemon's id range (`alacrity.ids`)."""
 
     def __init__(self, name: str, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
                  ageing_s: float = 300.0, offloads: bool = True, log_file: IO[bytes] | None = None,
                  timeout: float = 5.0) -> None:
+        self.id_range = ids.unprivileged
+        self.uid: int | None = self.id_range.lease()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "alacrity.switch", "--control-fd", str(theirs.fileno()),
-                "--user", SWITCH_USER, "--mtu", str(mtu), "--mac-prefix", mac_prefix,
+                "--uid", str(self.uid), "--mtu", str(mtu), "--mac-prefix", mac_prefix,
                 "--ageing", str(ageing_s), "--offloads" if offloads else "--no-offloads"]
         try:
             # Without `log_file`, its log lines go where the daemon's go.
             self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                          stdout=log_file, stderr=log_file)
+        except BaseException:
+            self.release_id()
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.control = Control(ours, timeout=timeout)
         self.started = time.monotonic()
-        log.info("switch %s: process %d started", name, self.proc.pid)
+        log.info("switch %s: process %d started as uid %d", name, self.proc.pid, self.uid)
+
+    def release_id(self) -> None:
+        """Give the uid back; only once the process is gone."""
+        if self.uid is not None:
+            self.id_range.release(self.uid)
+            self.uid = None
 
     def stop(self) -> None:
         with contextlib.suppress(OSError, RuntimeError, ValueError):
@@ -96,6 +114,7 @@ class SwitchProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+        self.release_id()
 
 
 class SwitchDevice(Device):
@@ -126,6 +145,8 @@ class SwitchDevice(Device):
         self.crashes = 0
         self._stats: dict[str, Any] = {}
         self._stats_at = 0.0
+        self.handovers: queue.Queue[tuple[socket.socket, int, str] | None] = queue.Queue(HANDOVER_QUEUE)
+        self.handover_thread: threading.Thread | None = None
 
     # -- the process
     def _start(self) -> SwitchProcess:
@@ -138,7 +159,7 @@ class SwitchDevice(Device):
             try:
                 process = SwitchProcess(self.name, mtu=v["mtu"], mac_prefix=v["mac_prefix"],
                                         ageing_s=v["learning_ageing_s"])
-            except OSError as exc:
+            except (OSError, ids.IdsExhausted) as exc:
                 raise AdminError(errno.EIO, f"switch {self.name}: cannot start its process: {exc}") from None
             self.process = process
             self._stats_at = 0.0
@@ -152,6 +173,7 @@ class SwitchDevice(Device):
     def _watch(self, process: SwitchProcess) -> None:
         """Restart the process if it dies while it is still wanted."""
         status = process.proc.wait()
+        process.release_id()
         with self.process_lock:
             if self.process is not process or self.destroyed:
                 return
@@ -187,14 +209,49 @@ class SwitchDevice(Device):
 
     # -- connections
     def adopt(self, sock: socket.socket, peer_pid: int, label: str) -> None:
-        with sock:
-            process = self._start()
-            try:
-                process.control.add_port(sock.fileno(), label=label, peer_pid=peer_pid)
-            except (OSError, RuntimeError, ValueError) as exc:
-                raise AdminError(errno.EIO, f"switch {self.name} did not take the port: {exc}") from None
-        self.count("ports_opened")
-        self._stats_at = 0.0
+        """Queue the connection for the hand-over thread; never waits on the switch."""
+        if self.destroyed:
+            sock.close()
+            raise AdminError(errno.ENODEV, f"switch {self.name} is being removed")
+        try:
+            self.handovers.put_nowait((sock, peer_pid, label))
+        except queue.Full:
+            sock.close()
+            raise AdminError(errno.EAGAIN, f"switch {self.name} has {HANDOVER_QUEUE} connections waiting "
+                             "for its process; try again") from None
+        with self.process_lock:
+            if self.handover_thread is None:
+                self.handover_thread = threading.Thread(target=self._hand_over, daemon=True,
+                                                        name=f"switch {self.name} hand-over")
+                self.handover_thread.start()
+
+    def _hand_over(self) -> None:
+        while (item := self.handovers.get()) is not None:
+            sock, peer_pid, label = item
+            process: SwitchProcess | None = None
+            with sock:
+                try:
+                    process = self._start()
+                    process.control.add_port(sock.fileno(), label=label, peer_pid=peer_pid)
+                except TimeoutError as exc:
+                    if process is not None:
+                        self._hung(process, f"did not take {label}: {exc}")
+                    continue
+                except (AdminError, OSError, RuntimeError, ValueError) as exc:
+                    reason = f"switch {self.name} did not take {label}: {exc}"
+                    log.warning("%s", reason)
+                    self.record_error(reason)
+                    continue
+            self.count("ports_opened")
+            self._stats_at = 0.0
+
+    def _hung(self, process: SwitchProcess, why: str) -> None:
+        """A switch that stops answering is killed; the watcher starts a new one."""
+        reason = f"switch process {process.proc.pid} is not answering ({why}): killed"
+        log.error("switch %s: %s", self.name, reason)
+        self.record_error(reason)
+        with contextlib.suppress(OSError):
+            process.proc.kill()
 
     def in_use(self) -> bool:
         return bool(self.stats()["ports"])
@@ -207,7 +264,7 @@ class SwitchDevice(Device):
         now = time.monotonic()
         if now - self._stats_at > STATS_CACHE_S:
             try:
-                self._stats = process.control.stats()
+                self._stats = process.control.stats(timeout=STATS_TIMEOUT_S)
             except (OSError, RuntimeError, ValueError) as exc:
                 raise AdminError(errno.EIO, f"switch {self.name} is not answering: {exc}") from None
             self._stats_at = now
@@ -283,6 +340,11 @@ class SwitchDevice(Device):
 
     def destroy(self) -> None:
         self.destroyed = True
+        with contextlib.suppress(queue.Empty):
+            while (item := self.handovers.get_nowait()) is not None:
+                item[0].close()
+        if self.handover_thread is not None:
+            self.handovers.put_nowait(None)
         self._stop()
         if self.tap_fd is not None:
             os.close(self.tap_fd)

@@ -23,18 +23,22 @@ log = logging.getLogger("alacrity.switch")
 _PR_SET_NO_NEW_PRIVS = 38
 
 
-def drop_privileges(user: str) -> None:
-    """Become `user` with no supplementary groups and no way back (NO_NEW_PRIVS).
-    Everything the process imports must be imported before this: the code may live
-    where `user` cannot read."""
+def drop_privileges(user: str, uid: int | None = None) -> None:
+    """Become `uid` (as uid and gid) or else `user`, with no supplementary groups and no
+    way back (NO_NEW_PRIVS). Everything the process imports must be imported before
+    this: the code may live where that user cannot read."""
     if os.geteuid() == 0:
-        try:
-            entry = pwd.getpwnam(user)
-        except KeyError:
-            raise SystemExit(f"switch: no user {user!r}; pass --user with an existing one") from None
+        if uid is not None:
+            gid = uid
+        else:
+            try:
+                entry = pwd.getpwnam(user)
+            except KeyError:
+                raise SystemExit(f"switch: no user {user!r}; pass --user with an existing one") from None
+            uid, gid = entry.pw_uid, entry.pw_gid
         os.setgroups([])
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
     os.chdir("/")
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--control-fd", type=int, help="an inherited, connected SOCK_SEQPACKET control socket")
     parser.add_argument("--user", default="nobody",
                         help="user to become after start-up, when started as root (default: nobody)")
+    parser.add_argument("--uid", type=int,
+                        help="become this uid and gid instead of --user (alacrityd gives each switch "
+                             "its own, from its --id-range)")
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--mac-prefix", default=DEFAULT_PREFIX, help="prefix of the MACs given to ports")
     parser.add_argument("--ageing", type=float, default=300.0, help="FDB ageing time in seconds")
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                         offloads=args.offloads, poll_budget_s=args.poll_us * 1e-6, engine=args.engine)
     except ValueError as exc:
         parser.error(str(exc))
-    drop_privileges(args.user)
+    drop_privileges(args.user, args.uid)
     log.info("serving as uid %d", os.getuid())
 
     def stop(*_: object) -> None:

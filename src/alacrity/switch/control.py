@@ -19,12 +19,19 @@ class Control:
         else:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             self.sock.connect(path)
-        self.sock.settimeout(timeout)
+        self.timeout = timeout
         self.lock = threading.Lock()  # one request in flight at a time
         self.seq = 0
 
-    def request(self, request: dict, fds: tuple[int, ...] = ()) -> dict:
-        with self.lock:
+    def request(self, request: dict, fds: tuple[int, ...] = (), timeout: float | None = None) -> dict:
+        """Send `request` and wait for its reply: at most `timeout` seconds for an earlier
+        request to finish, and as long again for the reply. Raises TimeoutError, OSError,
+        RuntimeError."""
+        timeout = self.timeout if timeout is None else timeout
+        if not self.lock.acquire(timeout=timeout):
+            raise TimeoutError(f"the switch is still busy with an earlier request after {timeout} s")
+        try:
+            self.sock.settimeout(timeout)
             self.seq += 1
             data = json.dumps({**request, "seq": self.seq}).encode()
             if fds:
@@ -38,6 +45,8 @@ class Control:
                 reply = json.loads(answer)
                 if reply.get("seq") == self.seq:
                     break
+        finally:
+            self.lock.release()
         if not reply.get("ok"):
             raise RuntimeError(f"switch refused {request.get('op')}: {reply.get('error')}")
         return reply
@@ -45,8 +54,8 @@ class Control:
     def add_port(self, fd: int, *, mac: str | None = None, label: str = "", peer_pid: int = 0) -> dict:
         return self.request({"op": "add_port", "mac": mac, "label": label, "peer_pid": peer_pid}, (fd,))
 
-    def stats(self) -> dict:
-        return self.request({"op": "stats"})
+    def stats(self, timeout: float | None = None) -> dict:
+        return self.request({"op": "stats"}, timeout=timeout)
 
     def close(self) -> None:
         self.sock.close()

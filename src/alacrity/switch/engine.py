@@ -10,7 +10,8 @@ signals each touched ring once per batch.
 Punishment follows the fault: a broken TX ring or a header that lies about the
 frame breaks the sender (`port.broken` is set and the port is reported by
 `take_broken()`); a broken RX ring breaks the receiver; a full RX ring is a
-counted drop for that receiver. Nothing here blocks or waits.
+counted drop for that receiver; a call eventfd that cannot be written breaks its
+port. Nothing here blocks or waits.
 
 Offloads: a frame with NEEDS_CSUM or a GSO type goes whole (with its header) to a
 receiver that negotiated the matching GUEST_* features; a receiver without them gets
@@ -179,6 +180,14 @@ class Engine:
             log.warning("%s: broken: %s", port.label, reason)
         port.rx = port.tx = None
 
+    def _signal(self, port: Port, index: int) -> None:
+        """Interrupt `port`'s driver for ring `index`. Its call fd is the peer's: if writing it
+        fails, that breaks the port alone, never the loop."""
+        try:
+            port.signal(index)
+        except OSError as exc:
+            self._break(port, f"{'RX' if index == RX else 'TX'} call fd: {exc}")
+
     def take_broken(self) -> list[Port]:
         """Ports that broke the rules since the last call (removed from the engine)."""
         broken, self.broken = self.broken, []
@@ -210,7 +219,7 @@ class Engine:
                     work += self._drain_tap(tap, now, touched)
         for (port, index), queue in touched.items():
             if port.broken is None and queue.needs_notify():
-                port.signal(index)
+                self._signal(port, index)
         if work:
             self.batches += 1
         return work

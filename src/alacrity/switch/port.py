@@ -15,6 +15,7 @@ from typing import Any
 
 from alacrity.devices.base import Session
 from alacrity.vhost_user.backend import Action, Backend
+from alacrity.vhost_user.connection import drain, notify
 from alacrity.vhost_user.messages import MAX_FDS, Framer, ProtocolError
 from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import DeviceQueue
@@ -159,6 +160,12 @@ class VhostPort(Port):
         vring = self.backend.vrings[TX]
         return [vring.kick] if vring.queue is not None and vring.kick is not None else []
 
+    def take_kick(self, fd: int) -> None:
+        """Drain the TX kick eventfd `fd`, if it is still this port's. An OSError means the
+        peer's fd is broken: the caller removes the port."""
+        if fd in self.kick_fds() and drain(fd):
+            self.kicks += 1
+
     def service_socket(self, max_messages: int = 64) -> bool:
         """Read what the peer sent; False when the peer closed the connection."""
         for _ in range(max_messages):
@@ -197,9 +204,10 @@ class VhostPort(Port):
         self.changed = True
 
     def signal(self, index: int) -> None:
+        """OSError (the peer's fd failed) must break this port: the engine does that."""
         call = self.backend.vrings[index].call
         if call is not None:
-            os.eventfd_write(call, 1)
+            notify(call)
             self.interrupts += 1
 
     def fail(self, reason: str) -> None:
@@ -208,7 +216,7 @@ class VhostPort(Port):
         for vring in self.backend.vrings:
             if vring.err is not None:
                 with contextlib.suppress(OSError):
-                    os.eventfd_write(vring.err, 1)
+                    notify(vring.err)
 
     def close(self) -> None:
         if self.closed:

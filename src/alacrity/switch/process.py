@@ -74,10 +74,13 @@ class Switch:
         else:
             self.control_path = control
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            # Listening before the path appears: whoever waits for the path can connect at once.
+            staging = control + ".new"
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(control)
-            self.listener.bind(control)
+                os.unlink(staging)
+            self.listener.bind(staging)
             self.listener.listen(8)
+            os.replace(staging, control)
         self.poller: select.poll | None = None
         self.kick_owner: dict[int, VhostPort] = {}
         self.stopping = False
@@ -199,9 +202,7 @@ class Switch:
         for fd, _event in events:
             kicked = self.kick_owner.get(fd)
             if kicked is not None:
-                with contextlib.suppress(BlockingIOError, OSError):
-                    os.eventfd_read(fd)
-                    kicked.kicks += 1
+                self._take_kick(kicked, fd)
             elif fd in socks:
                 self._service_port(socks[fd])
             elif self.listener is not None and fd == self.listener.fileno():
@@ -211,6 +212,14 @@ class Switch:
                 self.poller = None
             elif fd in self.controls:
                 self._service_control(self.controls[fd])
+
+    def _take_kick(self, port: VhostPort, fd: int) -> None:
+        if port.id not in self.ports:
+            return  # removed earlier in this round: `fd` may be closed, or someone else's by now
+        try:
+            port.take_kick(fd)
+        except OSError as exc:
+            self.remove_port(port, f"TX kick fd: {exc}", fault=True)
 
     def _service_port(self, port: VhostPort) -> None:
         if port.id not in self.ports:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from alacrity.devices.base import Session
@@ -52,6 +53,42 @@ TRANSPORT_FEATURES = (
 PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
 MAX_CONFIG = 256
 
+#: What /proc/self/fd shows for an eventfd. fstat cannot tell one from a timerfd, signalfd or
+#: epoll fd: they all share the one anonymous inode.
+EVENTFD = "anon_inode:[eventfd]"
+
+
+def fd_kind(fd: int) -> str:
+    """What `fd` is, as the kernel names it: "anon_inode:[eventfd]", "pipe:[1234]", "/dev/zero"..."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        return f"an fd that cannot be named ({exc.strerror})"
+
+
+def _semaphore_mode(fd: int) -> bool:
+    """Is eventfd `fd` in EFD_SEMAPHORE mode? (Older kernels do not show it: then we cannot tell.)"""
+    with open(f"/proc/self/fdinfo/{fd}") as info:
+        for line in info:
+            key, _, value = line.partition(":")
+            if key == "eventfd-semaphore":
+                return value.strip() == "1"
+    return False
+
+
+def eventfd_problem(fd: int) -> str | None:
+    """Why `fd`, from a peer, cannot be a ring's kick, call or err fd; None if it can.
+
+    Anything but a plain eventfd could stall or spin whoever services the ring: a pipe fills
+    up and blocks its writer, /dev/zero is always readable, and a semaphore eventfd gives
+    one kick per read, so reading never drains it."""
+    kind = fd_kind(fd)
+    if kind != EVENTFD:
+        return f"{kind}, not an eventfd"
+    if _semaphore_mode(fd):
+        return "an eventfd in semaphore mode, which a read never drains"
+    return None
+
 
 @dataclass
 class Vring:
@@ -77,8 +114,12 @@ class Action:
 
 
 class Backend:
-    def __init__(self, session: Session) -> None:
+    """`eventfd_problem` judges each kick, call and err fd the peer sends (injectable for tests)."""
+
+    def __init__(self, session: Session,
+                 eventfd_problem: Callable[[int], str | None] = eventfd_problem) -> None:
         self.session = session
+        self.eventfd_problem = eventfd_problem
         self.features = 0
         self.protocol_features = 0
         self.owned = False
@@ -106,8 +147,11 @@ class Backend:
     def _protocol(self, feature: ProtocolFeature) -> bool:
         return has(self.protocol_features, feature)
 
-    def _take_fd(self, msg: Message) -> tuple[int, int | None]:
-        """Ring index and fd of a KICK/CALL/ERR message; the fd is ours from now on."""
+    def _take_eventfd(self, msg: Message, role: str) -> tuple[int, int | None]:
+        """Ring index and eventfd of a KICK/CALL/ERR message (`role`: kick, call or err).
+
+        The fd is ours from now on, and non-blocking: a peer can fill an eventfd's counter
+        (write 0xfffffffffffffffe), and a blocked write must never stall whoever signals."""
         word = msg.u64()
         index = word & VRING_INDEX_MASK
         self._vring(index)  # refuse a missing ring before we own its fd
@@ -117,7 +161,12 @@ class Backend:
             return index, None
         if len(msg.fds) != 1:
             raise ProtocolError(f"ring fd message carries {len(msg.fds)} fds, expected 1")
-        return index, msg.fds.pop()
+        problem = self.eventfd_problem(msg.fds[0])
+        if problem is not None:  # the fd stays in msg.fds, for the edge to close
+            raise ProtocolError(f"ring {index} {role} fd is {problem}")
+        fd = msg.fds.pop()
+        os.set_blocking(fd, False)
+        return index, fd
 
     # -- the state machine
     def handle(self, msg: Message) -> bytes | None:
@@ -227,7 +276,7 @@ class Backend:
         return VRING_STATE.pack(index, base)
 
     def _set_vring_kick(self, msg: Message) -> None:
-        index, fd = self._take_fd(msg)
+        index, fd = self._take_eventfd(msg, "kick")
         vring = self._vring(index)
         if fd is None:
             raise ProtocolError(f"ring {index}: polling mode (no kick fd) is not supported")
@@ -241,7 +290,7 @@ class Backend:
         self._start(vring)
 
     def _set_vring_call(self, msg: Message) -> None:
-        index, fd = self._take_fd(msg)
+        index, fd = self._take_eventfd(msg, "call")
         vring = self._vring(index)
         # The worker reads `call` at each signal, so swapping it is safe under the edge's lock.
         old, vring.call = vring.call, fd
@@ -249,7 +298,7 @@ class Backend:
             self.actions.append(Action("close", index, (old,)))
 
     def _set_vring_err(self, msg: Message) -> None:
-        index, fd = self._take_fd(msg)
+        index, fd = self._take_eventfd(msg, "err")
         vring = self._vring(index)
         old, vring.err = vring.err, fd
         if old is not None:

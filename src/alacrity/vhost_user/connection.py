@@ -8,6 +8,7 @@ re-enable notifications, re-check, and sleep on the kick eventfd.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -25,6 +26,34 @@ log = logging.getLogger("alacrity.vhost_user")
 
 #: How long a ring worker keeps polling after its last request before it sleeps.
 POLL_BUDGET_S = 50e-6
+
+
+def notify(eventfd: int) -> None:
+    """Signal a peer's call or err eventfd (non-blocking since the backend took it).
+
+    EAGAIN means the peer filled the counter: its driver has an interrupt pending anyway,
+    so the signal is dropped rather than waited for. Other errors are the caller's."""
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_write(eventfd, 1)
+
+
+def drain(eventfd: int) -> bool:
+    """Take the kicks pending on a peer's eventfd; False if there were none. Afterwards the fd
+    is not readable until the next kick. The peer shares the file's flags (it may clear
+    O_NONBLOCK) and may read the counter first, so the read asks for RWF_NOWAIT itself
+    (kernels before 5.12 refuse that for eventfds: there O_NONBLOCK is all we have)."""
+    try:
+        os.preadv(eventfd, [bytearray(8)], -1, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno != errno.EOPNOTSUPP:
+            raise
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(eventfd)
+            return True
+        return False
+    return True
 
 
 class Connection:
@@ -105,7 +134,7 @@ class Connection:
         for vring in self.backend.vrings:
             if vring.err is not None:
                 with contextlib.suppress(OSError):
-                    os.eventfd_write(vring.err, 1)
+                    notify(vring.err)
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -167,7 +196,7 @@ class RingWorker(threading.Thread):
                     return
                 done = session.process(index, queue)
                 if queue.needs_notify() and vring.call is not None:
-                    os.eventfd_write(vring.call, 1)
+                    notify(vring.call)
                     conn.calls += 1
             if done:
                 poll_until = time.monotonic() + budget
@@ -187,11 +216,8 @@ class RingWorker(threading.Thread):
             poller.register(self.wake, select.POLLIN)
             if any(fd == self.wake for fd, _ in poller.poll()):
                 return
-            try:
-                os.eventfd_read(kick)
+            if drain(kick):
                 conn.kicks += 1
-            except BlockingIOError:
-                pass
             with conn.lock:
                 if vring.queue is queue:
                     queue.disable_notify()

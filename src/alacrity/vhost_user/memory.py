@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
 from alacrity.virtio.ring import AddressError
 
 _LIMIT = 1 << 64
+_FILE_TYPES = {
+    stat.S_IFIFO: "a pipe",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symbolic link",
+}
 
 
 @dataclass
@@ -24,6 +33,16 @@ class Region:
 
     def contains_uva(self, addr: int, length: int) -> bool:
         return self.uva <= addr and addr + length <= self.uva + self.size
+
+
+def _regular_file_size(fd: int, gpa: int) -> int:
+    """The size of the file behind the region at `gpa`, which must be a regular file (memfds and
+    hugetlbfs files are): a pipe or a device such as /dev/zero is no memory the peer can share."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        kind = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "an anonymous inode")
+        raise ValueError(f"region at {gpa:#x}: its fd is {kind}, not a regular file")
+    return st.st_size
 
 
 class MemoryTable:
@@ -41,7 +60,7 @@ class MemoryTable:
         for (gpa, size, uva, offset), fd in zip(layout, fds, strict=True):
             if size == 0 or gpa + size > _LIMIT or uva + size > _LIMIT:
                 raise ValueError(f"region at {gpa:#x} of {size:#x} bytes is empty or wraps")
-            file_size = os.fstat(fd).st_size
+            file_size = _regular_file_size(fd, gpa)
             if offset + size > file_size:
                 raise ValueError(
                     f"region at {gpa:#x} needs {offset + size:#x} bytes of a {file_size:#x}-byte file"

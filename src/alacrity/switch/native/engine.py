@@ -374,13 +374,13 @@ class NativeEngine(Engine):
         for k in range(n):
             entry = signals[k]
             if entry >= 0:
-                order[entry >> 1].port.signal(entry & 1)
+                self._signal(order[entry >> 1].port, entry & 1)
             else:
                 entry = -1 - entry
                 slot = order[entry >> 1]
                 queue = slot.txq if entry & 1 else slot.rxq
                 if slot.port.broken is None and queue is not None and queue.needs_notify():
-                    slot.port.signal(entry & 1)
+                    self._signal(slot.port, entry & 1)
         if work:
             self.batches += 1
         return work
