@@ -488,5 +488,25 @@ def test_a_full_call_counter_never_stops_the_switch(rig: Rig, blocking: bool) ->
         os.close(call)
 
 
+def test_a_call_fd_made_blocking_again_breaks_only_its_port(rig: Rig) -> None:
+    """The peer shares the call fd's flags: it clears O_NONBLOCK after the hand-over and
+    fills the counter, so a signal would block the switch. The switch refuses to write a
+    blocking fd: that port goes, every other port carries on."""
+    a, b = neighbours(rig)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        nic = hostile_port(rig, "call", call)
+        os.set_blocking(call, True)
+        os.eventfd_write(call, U64_FULL)
+        nic.driver.txq.enable_interrupts()
+        nic.send(frame(nic.mac, nic.mac, b"ring my bell"))
+        rig.wait_for(lambda: vn.mac_text(nic.mac) not in rig.ports(), timeout=5)
+        assert_neighbours_move(a, b)
+        assert rig.proc.poll() is None and len(rig.ports()) == 2
+        nic.close()
+    finally:
+        os.close(call)
+
+
 if __name__ == "__main__":
     sys.exit(_peer_main(sys.argv[1], sys.argv[2]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -32,7 +33,11 @@ def notify(eventfd: int) -> None:
     """Signal a peer's call or err eventfd (non-blocking since the backend took it).
 
     EAGAIN means the peer filled the counter: its driver has an interrupt pending anyway,
-    so the signal is dropped rather than waited for. Other errors are the caller's."""
+    so the signal is dropped rather than waited for. The peer shares the fd's flags and may
+    make it blocking again (then a full counter would block us): that is refused with
+    OSError, which breaks the peer's connection. Other errors are the caller's too."""
+    if not fcntl.fcntl(eventfd, fcntl.F_GETFL) & os.O_NONBLOCK:
+        raise OSError(errno.EPERM, "the peer made its eventfd blocking")
     with contextlib.suppress(BlockingIOError):
         os.eventfd_write(eventfd, 1)
 
