@@ -119,20 +119,6 @@ class AdminTree(mfusepy.Operations):
             raise mfusepy.FuseOSError(errno.EINVAL)
         return node.read()
 
-    def access(self, path: str, amode: int) -> int:
-        node = self._node(path)
-        uid = mfusepy.fuse_get_context()[0]
-        if amode & os.W_OK:
-            parts = [p for p in path.split("/") if p]
-            dir_ok = node.kind == "dir" and (
-                parts in (["devices"], ["buses"]) or (len(parts) == 2 and parts[0] == "buses")
-            )
-            if uid != 0 or not (node.writable or dir_ok):
-                raise mfusepy.FuseOSError(errno.EACCES)
-        if amode & os.X_OK and node.kind != "dir":
-            raise mfusepy.FuseOSError(errno.EACCES)
-        return 0
-
     def open(self, path: str, flags: int) -> int:
         node = self._node(path)
         if node.kind != "file":

@@ -410,7 +410,8 @@ class Gate:
         if op != "devices":
             return {"error": f"unknown op {op!r}: use devices or whoami"}
         if bus is None:
-            self.refusals += 1
+            with self.lock:  # connection threads count refusals too
+                self.refusals += 1
             log.warning("refused device list to pid %d (uid %d): not a member", peer.pid, peer.uid)
             return {
                 "error": f"pid {peer.pid} is not a member of any bus; root can admit it with "
