@@ -20,6 +20,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from alacrity.switch.engine import Engine, make_engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import RX, TX, NetSession
 from alacrity.vhost_user.backend import Backend, eventfd_problem, fd_kind
+from alacrity.vhost_user.eventfd import notify
 from alacrity.vhost_user.frontend import Frontend
 from alacrity.vhost_user.memory import MemoryTable
 from alacrity.vhost_user.messages import (
@@ -490,8 +492,8 @@ def test_a_full_call_counter_never_stops_the_switch(rig: Rig, blocking: bool) ->
 
 def test_a_call_fd_made_blocking_again_breaks_only_its_port(rig: Rig) -> None:
     """The peer shares the call fd's flags: it clears O_NONBLOCK after the hand-over and
-    fills the counter, so a signal would block the switch. The switch refuses to write a
-    blocking fd: that port goes, every other port carries on."""
+    fills the counter, so a signal would block the switch. The watchdog interrupts that
+    write: that port goes, every other port carries on."""
     a, b = neighbours(rig)
     call = os.eventfd(0, os.EFD_NONBLOCK)
     try:
@@ -504,6 +506,74 @@ def test_a_call_fd_made_blocking_again_breaks_only_its_port(rig: Rig) -> None:
         assert_neighbours_move(a, b)
         assert rig.proc.poll() is None and len(rig.ports()) == 2
         nic.close()
+    finally:
+        os.close(call)
+
+
+def test_a_call_fd_toggled_between_blocking_and_not_never_stalls_the_switch(rig: Rig) -> None:
+    """The race a check of the flags before the write would leave open: the peer fills the
+    counter and flips O_NONBLOCK as fast as it can while frames arrive. Each signal is then
+    either dropped (EAGAIN) or interrupted by the watchdog and the port broken; the other
+    ports never wait more than a moment, and the switch lives."""
+    a, b = neighbours(rig)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            os.set_blocking(call, True)
+            os.set_blocking(call, False)
+
+    flipper = threading.Thread(target=flip)
+    try:
+        nic = hostile_port(rig, "call", call)
+        os.eventfd_write(call, U64_FULL)
+        flipper.start()
+        mac = vn.mac_text(nic.mac)
+        deadline = time.monotonic() + 10
+        while mac in rig.ports() and time.monotonic() < deadline:
+            nic.driver.txq.enable_interrupts()
+            nic.send(frame(nic.mac, nic.mac, b"ring my bell"))
+            nic.driver.reap_tx()
+            assert_neighbours_move(a, b)
+        assert rig.proc.poll() is None
+        assert len(rig.ports()) in (2, 3)
+        nic.close()
+    finally:
+        stop.set()
+        if flipper.is_alive():
+            flipper.join()
+        os.close(call)
+
+
+def test_notify_is_interrupted_rather_than_blocking_on_a_full_blocking_eventfd() -> None:
+    """The sans-peer core of the guard: a blocking eventfd with a full counter makes notify()
+    fail with EPERM after about STALL_S, in the main thread and in any other."""
+    call = os.eventfd(0)  # blocking
+    os.eventfd_write(call, U64_FULL)
+    outcome: list[BaseException] = []
+
+    def signal_once() -> None:
+        started = time.monotonic()
+        try:
+            notify(call)
+        except OSError as exc:
+            outcome.append(exc)
+        assert time.monotonic() - started < 1
+
+    try:
+        signal_once()
+        worker = threading.Thread(target=signal_once)
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive()
+        assert [exc.errno for exc in outcome] == [errno.EPERM, errno.EPERM]
+        assert os.eventfd_read(call) == U64_FULL
+        os.eventfd_write(call, U64_FULL - 1)
+        notify(call)  # room for one more: written, even on a blocking fd
+        os.set_blocking(call, False)
+        notify(call)  # full and non-blocking: dropped quietly
+        assert os.eventfd_read(call) == U64_FULL
     finally:
         os.close(call)
 

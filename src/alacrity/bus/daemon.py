@@ -15,6 +15,7 @@ from alacrity.admin.tree import mount
 from alacrity.bus.gate import Gate
 from alacrity.bus.model import Model
 from alacrity.devices.base import reserve_paths
+from alacrity.vhost_user import eventfd
 
 log = logging.getLogger("alacrity.daemon")
 
@@ -76,6 +77,7 @@ class Daemon:
         # Set before mounting: libfuse takes over any signal still at its default, and
         # its SIGHUP handler would unmount the admin tree under a running daemon.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        eventfd.install_handler()
         self.start()
         try:
             while not wake.wait(1.0):

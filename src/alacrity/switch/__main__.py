@@ -18,6 +18,7 @@ import sys
 
 from alacrity.switch.engine import ENGINE_ENV, ENGINE_KINDS
 from alacrity.switch.process import DEFAULT_PREFIX, POLL_BUDGET_S, Switch
+from alacrity.vhost_user import eventfd
 
 log = logging.getLogger("alacrity.switch")
 _PR_SET_NO_NEW_PRIVS = 38
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    eventfd.install_handler()
     try:
         switch.run()
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 from alacrity.devices.base import Session
 from alacrity.vhost_user.backend import Action, Backend
-from alacrity.vhost_user.connection import drain, notify
+from alacrity.vhost_user.eventfd import drain, notify
 from alacrity.vhost_user.messages import MAX_FDS, Framer, ProtocolError
 from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import DeviceQueue

@@ -8,8 +8,6 @@ re-enable notifications, re-check, and sleep on the kick eventfd.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import select
@@ -20,6 +18,7 @@ from collections.abc import Callable
 
 from alacrity.devices.base import Session
 from alacrity.vhost_user.backend import Action, Backend
+from alacrity.vhost_user.eventfd import drain, notify
 from alacrity.vhost_user.messages import MAX_FDS, Framer, ProtocolError
 from alacrity.virtio.ring import QueueError
 
@@ -27,38 +26,6 @@ log = logging.getLogger("alacrity.vhost_user")
 
 #: How long a ring worker keeps polling after its last request before it sleeps.
 POLL_BUDGET_S = 50e-6
-
-
-def notify(eventfd: int) -> None:
-    """Signal a peer's call or err eventfd (non-blocking since the backend took it).
-
-    EAGAIN means the peer filled the counter: its driver has an interrupt pending anyway,
-    so the signal is dropped rather than waited for. The peer shares the fd's flags and may
-    make it blocking again (then a full counter would block us): that is refused with
-    OSError, which breaks the peer's connection. Other errors are the caller's too."""
-    if not fcntl.fcntl(eventfd, fcntl.F_GETFL) & os.O_NONBLOCK:
-        raise OSError(errno.EPERM, "the peer made its eventfd blocking")
-    with contextlib.suppress(BlockingIOError):
-        os.eventfd_write(eventfd, 1)
-
-
-def drain(eventfd: int) -> bool:
-    """Take the kicks pending on a peer's eventfd; False if there were none. Afterwards the fd
-    is not readable until the next kick. The peer shares the file's flags (it may clear
-    O_NONBLOCK) and may read the counter first, so the read asks for RWF_NOWAIT itself
-    (kernels before 5.12 refuse that for eventfds: there O_NONBLOCK is all we have)."""
-    try:
-        os.preadv(eventfd, [bytearray(8)], -1, os.RWF_NOWAIT)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno != errno.EOPNOTSUPP:
-            raise
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(eventfd)
-            return True
-        return False
-    return True
 
 
 class Connection:
