@@ -51,6 +51,9 @@ ACCEPT_BATCH = 8
 #: the gate an identity check, so a flood from one user is refused before it, cheaply.
 CONNECT_RATE = 200.0
 CONNECT_BURST = 400.0
+#: ... and each such check costs a /proc read per generation of the peer's ancestry: a
+#: connection from deeper than this many generations is charged one more token for each.
+FREE_GENERATIONS = 16
 #: After accept() fails for lack of fds or memory, accepting pauses this long.
 ACCEPT_PAUSE_S = 0.1
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -216,6 +219,7 @@ class Gate:
             except IdentityError as exc:
                 self.refuse(sock, what, None, str(exc))
                 continue
+            self._charge(uid, len(peer.chain) // FREE_GENERATIONS)
             if device is None:
                 self._open_control(sock, peer)
             else:
@@ -235,6 +239,13 @@ class Gate:
             return False
         self.connect_budget[uid] = (tokens - 1, now)
         return True
+
+    def _charge(self, uid: int | None, tokens: int) -> None:
+        """Take what an identity check cost beyond its token: deep ancestries cost more."""
+        if uid == 0 or not tokens or uid not in self.connect_budget:
+            return
+        left, when = self.connect_budget[uid]
+        self.connect_budget[uid] = (left - tokens, when)
 
     def _accept_paused(self) -> bool:
         return self.accept_paused_until > 0
