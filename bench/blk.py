@@ -118,6 +118,8 @@ BENCH_LINE = re.compile(r"^BENCH ([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)", re.M)
 
 
 def guest_run(args, daemon: Daemon, qsd_sock: Path, image: Path, who: str, n: int) -> list[dict]:
+    from alacrity.devices import Slot
+    from alacrity.devices.blk import BlkDevice
     from alacrity.vm.image import default_image
     from alacrity.vm.machine import DEFAULT_MACHINE, virtio_device
     from alacrity.vm.qemu import VM, VmSpec
@@ -132,10 +134,10 @@ def guest_run(args, daemon: Daemon, qsd_sock: Path, image: Path, who: str, n: in
         spec = VmSpec(name=f"bench-{who}-{n}", kernel=guest.kernel, initrd=guest.initrd, cmd=cmd,
                       console=str(log), run_dir=daemon.cleanup.root / "vms" / f"{who}-{n}")
         if who == "qsd":
-            spec.vhost_user_blk = [str(qsd_sock)]
+            spec.devices = [BlkDevice.qemu_args(Slot("qsd", str(qsd_sock), "mmio", spec.name, "d0", 0))]
         else:
             # file.locking=off: qemu-storage-daemon holds the image's write lock meanwhile.
-            spec.extra_devices = [[
+            spec.devices = [[
                 "-drive", f"file={image},if=none,id=d0,format=raw,cache=writeback,file.locking=off",
                 *virtio_device("virtio-blk", DEFAULT_MACHINE, drive="d0")]]
         spec.run_dir.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,8 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for debugging")
     args = p.parse_args()
 
+    from alacrity.devices import Slot
+    from alacrity.devices.blk import BlkDevice
     from alacrity.vm.image import default_image
     from alacrity.vm.qemu import VM, VmSpec
 
@@ -93,7 +95,9 @@ def main() -> int:
                     argv = ours_argv
                 else:
                     spec = VmSpec(name=f"bare-{n}", kernel=guest.kernel, initrd=guest.initrd, cmd="true",
-                                  console=str(log), vhost_user_blk=[sock],
+                                  console=str(log),
+                                  devices=[BlkDevice.qemu_args(Slot("bare", str(sock), "mmio", "bare",
+                                                                    "d0", 0))],
                                   run_dir=cleanup.root / "vms" / f"bare-{n}")
                     spec.run_dir.mkdir(parents=True, exist_ok=True)
                     argv = VM(spec).command()

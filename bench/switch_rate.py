@@ -127,7 +127,7 @@ class _Memory:
 def inprocess(size: int, seconds: float, engine: str | None = None, queue: int = 256) -> dict:
     """The engine's own cost per frame: `poll_once` timed alone, the driver side not."""
     from alacrity.client.net import NetDriver
-    from alacrity.switch.engine import make_engine
+    from alacrity.switch.engines import make_engine
     from alacrity.switch.fdb import Fdb
     from alacrity.switch.port import Port
     from alacrity.virtio.device_queue import DeviceQueue

@@ -33,9 +33,12 @@ from common import Cleanup, fmt, median, print_table, progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from alacrity.devices.switch import SwitchProcess  # noqa: E402
+from alacrity.devices import Slot  # noqa: E402
+from alacrity.devices.switch import SwitchDevice  # noqa: E402
+from alacrity.switch.launcher import SwitchProcess  # noqa: E402
+from alacrity.virtio.net import local_mac  # noqa: E402
 from alacrity.vm.image import default_image  # noqa: E402
-from alacrity.vm.qemu import VM, NetAttachment, VmSpec, local_mac  # noqa: E402
+from alacrity.vm.qemu import VM, VmSpec  # noqa: E402
 
 SERVER_IP, CLIENT_IP = "10.55.0.1", "10.55.0.2"
 SERVER_CMD = "iperf3 -s >/dev/null 2>&1 & sleep 3600"
@@ -59,16 +62,15 @@ def parse(console: str) -> dict[str, float]:
     return {"rtt_ms": float(rtt.group(1)), "b_to_a_mbit": float(rates[0]), "a_to_b_mbit": float(rates[1])}
 
 
-def run_pair(c: Cleanup, tag: str, nets: list[list[str]], nics: list[list[NetAttachment]],
+def run_pair(c: Cleanup, tag: str, nets: list[list[str]],
              image, seconds: int, pings: int, sample=None) -> dict[str, float]:
     """Boot the pair, let B finish; B's figures, plus `sample()`'s while both still run."""
     logs = [c.root / f"{tag}-{side}.log" for side in ("a", "b")]
     roles = (("a", SERVER_CMD, SERVER_IP), ("b", client_cmd(seconds, pings), CLIENT_IP))
     specs = [
         VmSpec(name=f"bench-{tag}-{side}-{os.getpid()}", kernel=image.kernel, initrd=image.initrd, cmd=cmd,
-               console=log, ip=f"{ip}/24", nics=nic, extra_devices=[net] if net else [],
-               run_dir=c.root / f"{tag}-{side}")
-        for (side, cmd, ip), log, nic, net in zip(roles, logs, nics, nets, strict=True)
+               console=log, ip=f"{ip}/24", devices=[net], run_dir=c.root / f"{tag}-{side}")
+        for (side, cmd, ip), log, net in zip(roles, logs, nets, strict=True)
     ]
     vms = [VM(spec) for spec in specs]
     try:
@@ -167,14 +169,14 @@ def main() -> int:
                 progress(f"run {run + 1}/{args.runs}: {kind}")
                 macs = [local_mac(f"{kind}{run}{side}") for side in ("a", "b")]
                 if kind == "ours":
-                    nics = [[NetAttachment(sock, mac)] for sock, mac in zip(socks, macs, strict=True)]
-                    nets: list[list[str]] = [[], []]
+                    nets = [SwitchDevice.qemu_args(Slot("lan", str(sock), "mmio", "vm", "n0", 0,
+                                                        {"mac": mac}))
+                            for sock, mac in zip(socks, macs, strict=True)]
                 else:
-                    nics = [[], []]
                     nets = [["-netdev", f"tap,id=t0,ifname={tap},script=no,downscript=no,vhost=off",
                              "-device", f"virtio-net-device,netdev=t0,mac={mac}"]
                             for tap, mac in zip(taps, macs, strict=True)]
-                got = run_pair(c, f"{kind}{run}", nets, nics, image, args.seconds, args.pings,
+                got = run_pair(c, f"{kind}{run}", nets, image, args.seconds, args.pings,
                                rig.signals if kind == "ours" else None)
                 progress(f"  {got}")
                 results[kind].append(got)

@@ -31,6 +31,7 @@ class Daemon:
     root: Path
     proc: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # more alacrityd options, e.g. --metrics
 
     @property
     def admin(self) -> Path:
@@ -63,6 +64,7 @@ class Daemon:
                     str(self.state_dir),
                     "--run-dir",
                     str(self.run_dir),
+                    *self.args,
                 ],
                 stdout=log,
                 stderr=log,

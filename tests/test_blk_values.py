@@ -256,6 +256,27 @@ def test_an_image_swapped_for_a_symlink_is_refused(daemon, tmp_path):
         shutil.rmtree(shared, ignore_errors=True)
 
 
+def test_an_image_with_a_second_hard_link_is_refused(daemon, tmp_path):
+    """A hard link is another name for the same data, which O_NOFOLLOW cannot see: with
+    fs.protected_hardlinks off (or a careless admin), an image swapped for a link to
+    another file would hand guests that file. Refused at the write and at every open."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"TOP-SECRET " * 1024)
+    (tmp_path / "twice.img").hardlink_to(secret)
+    daemon.sh("mkdir $A/devices/d0; echo blk > $A/devices/d0/type")
+    assert write(daemon, "d0", "path", f"{tmp_path / 'twice.img'}\n".encode()) == errno.EINVAL
+    assert "has 2 hard links" in daemon.log.read_text()
+
+    daemon.make_disk("d1", "b1", tmp_path / "disk.img", size="1M")
+    assert member_reads(daemon, "b1", "d1").startswith("read ")  # creates the image
+    (tmp_path / "disk.img").unlink()
+    (tmp_path / "disk.img").hardlink_to(secret)  # a swap after the write was checked
+    answer = member_reads(daemon, "b1", "d1")
+    assert answer.startswith("refused"), answer[:200]
+    assert b"TOP-SECRET".hex() not in answer
+    assert daemon.proc.poll() is None
+
+
 # ---------------------------------------------------------------- the pieces, directly
 
 

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from alacrity.client.blk import BlkClient, BlkError
 from alacrity.devices.blk import BlkDevice, BlkSession
+from alacrity.devices.rng import RngDevice
 from alacrity.vhost_user.backend import PROTOCOL_FEATURES, TRANSPORT_FEATURES, Backend
 from alacrity.vhost_user.connection import Connection
 from alacrity.vhost_user.memory import MemoryTable
@@ -47,6 +48,7 @@ from alacrity.vhost_user.messages import (
     Req,
     encode,
 )
+from alacrity.vhost_user.session import Session
 from alacrity.virtio import blk as vb
 from alacrity.virtio.device_queue import DeviceQueue
 from alacrity.virtio.driver_queue import DriverQueue, RingLayout
@@ -564,7 +566,7 @@ def make_fd(kind: str) -> int:
         os.close(fd)
 
 
-def play(session: BlkSession, messages: list) -> None:
+def play(session: Session, messages: list) -> None:
     """Feed messages as Connection would; enforce the handle() contract and fd hygiene."""
     backend = Backend(session)
     try:
@@ -614,15 +616,28 @@ def blk_device():
         yield dev
 
 
+@pytest.fixture(scope="module")
+def rng_device():
+    dev = RngDevice("proto-rng")
+    dev.set_attribute("rate", "1000000")
+    return dev
+
+
+@pytest.fixture(params=["blk", "rng"])
+def any_device(request, blk_device, rng_device):
+    """Each device class served by the daemon's connections, fed the same hostile input."""
+    return blk_device if request.param == "blk" else rng_device
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     protocol=st.booleans(),
     prefix=st.integers(0, 10),
     messages=st.lists(hostile_msg, min_size=1, max_size=8),
 )
-def test_backend_handles_hostile_messages(blk_device, protocol: bool, prefix: int, messages: list) -> None:
+def test_backend_handles_hostile_messages(any_device, protocol: bool, prefix: int, messages: list) -> None:
     fds_before = open_fds()
-    session = blk_device.open(os.getpid())
+    session = any_device.open(os.getpid())
     try:
         play(session, valid_setup(protocol)[:prefix] + messages)
     finally:
@@ -772,7 +787,7 @@ CORRUPTIONS = ["garbage", "garbage_after_setup", "avail_jump", "head_range", "de
 
 
 def corrupt(kind: str, client: BlkClient, data: st.DataObject) -> None:
-    area, lay, q = client.area.view, client.layout, client.queue
+    area, lay, q = client.area.view, client.queue.layout, client.queue
     if kind == "avail_jump":
         jump = data.draw(st.integers(lay.size + 1, 0xFFFF), label="jump")
         U16.pack_into(area, lay.avail + 2, (q.avail_idx + jump) & 0xFFFF)
@@ -801,7 +816,7 @@ def corrupt(kind: str, client: BlkClient, data: st.DataObject) -> None:
         vb.REQUEST_HEADER.pack_into(area, 0xF000, vb.T_IN, 0, 0)
         q.add([(0xF000, 16, False)], "bad")
         q.publish()
-    os.eventfd_write(client.kick, 1)
+    os.eventfd_write(client.ring.kick, 1)
 
 
 @settings(max_examples=20, deadline=None,
@@ -925,7 +940,7 @@ def test_empty_writable_buffer_before_status_over_a_socket(tmp_path) -> None:
         area[0xF100] = 0xFF
         q.add([(0xF000, 16, False), (0xF080, 0, True), (0xF100, 1, True)], "odd")
         q.publish()
-        os.eventfd_write(client.kick, 1)
+        os.eventfd_write(client.ring.kick, 1)
         deadline = time.monotonic() + WAIT
         done = []
         while not done and not served.conn.closed.is_set() and time.monotonic() < deadline:

@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 
 from alacrity.client.area import SharedArea
 from alacrity.client.net import NetClient
-from alacrity.switch.engine import Engine, make_engine
+from alacrity.switch.engine import Engine
+from alacrity.switch.engines import make_engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import RX, TX, NetSession
 from alacrity.vhost_user.backend import Backend, eventfd_problem, fd_kind
@@ -322,11 +323,12 @@ def _peer_main(device: str, tmp: str) -> int:
 
 
 class Peer:
-    """This file run as a process admitted to `bus`."""
+    """This file (or `module`, with a `_peer_main` of its own) run as a process admitted to `bus`."""
 
-    def __init__(self, daemon: Daemon, bus: str, device: str, tmp: Path) -> None:
+    def __init__(self, daemon: Daemon, bus: str, device: str, tmp: Path,
+                 module: str = "tests.test_peer_fds") -> None:
         argv = [sys.executable, "-m", "alacrity.cli", "bus", "exec", bus, "--",
-                sys.executable, "-m", "tests.test_peer_fds", device, str(tmp)]
+                sys.executable, "-m", module, device, str(tmp)]
         self.proc = subprocess.Popen(argv, env=daemon.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, cwd=ROOT)
         assert json.loads(self.proc.stdout.readline() or "{}").get("ready"), "the peer did not start"
@@ -402,16 +404,14 @@ class HostileNic(NetClient):
         self.role, self.fd = role, fd
         super().__init__(sock, timeout=2.0)
 
-    def _start_rings(self) -> None:
-        if self.role == "mem":
-            self.frontend.set_mem_table([self.shared.region()], [self.fd])
-        elif self.role == "kick":
-            self.tx_kick = self.fd
-        elif self.role == "call":
-            self.tx_call = self.fd
-        super()._start_rings()
-        if self.role == "err":
-            self.frontend.set_vring_fd(Req.SET_VRING_ERR, TX, self.fd)
+    def shm(self, index: int, size: int, queue=None):
+        if self.role == "mem" and not self.rings:
+            self.frontend.set_mem_table([self.area.region()], [self.fd])
+        ring = super().shm(index, size, queue)
+        if index == TX and self.role != "mem":
+            request = {"kick": Req.SET_VRING_KICK, "call": Req.SET_VRING_CALL, "err": Req.SET_VRING_ERR}
+            self.frontend.set_vring_fd(request[self.role], TX, self.fd)
+        return ring
 
 
 @pytest.fixture

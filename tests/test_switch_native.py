@@ -14,9 +14,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from alacrity.switch import engine as engine_module
+from alacrity.switch import engines as engine_module
 from alacrity.switch import native
-from alacrity.switch.engine import Engine, make_engine
+from alacrity.switch.engine import Engine
+from alacrity.switch.engines import make_engine
 from alacrity.switch.fdb import Fdb
 from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import DeviceQueue

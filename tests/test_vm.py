@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from alacrity.devices import Slot
+from alacrity.devices.blk import BlkDevice
 from alacrity.vm.accel import choose_accel
 from alacrity.vm.cpio import CpioWriter, read_newc
 from alacrity.vm.image import GuestImage, default_image
@@ -90,7 +92,10 @@ def test_accel_detects_missing_kvm_and_pvm(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_command_line_per_machine(tmp_path: Path) -> None:
-    spec = VmSpec("t", Path("k"), Path("i"), cmd="exit 7", vhost_user_blk=["/s.sock"],
+    disk = BlkDevice.qemu_args(Slot("disk0", "/s,1.sock", "mmio", "t", "vu0", 0))
+    assert disk == ["-chardev", "socket,id=vu0,path=/s,,1.sock,reconnect=1",
+                    "-device", "vhost-user-blk,chardev=vu0,num-queues=1"]
+    spec = VmSpec("t", Path("k"), Path("i"), cmd="exit 7", devices=[disk],
                   accel="tcg", console=tmp_path / "log", machine="microvm")
     vm = VM(spec)
     args = build_command(spec, tmp_path, vm.accel)
@@ -100,9 +105,8 @@ def test_command_line_per_machine(tmp_path: Path) -> None:
     assert "tsc_early_khz=" in append
     assert f"alacrity.cmd={base64.b64encode(b'exit 7').decode()}" in append
     assert "memory-backend-memfd,id=mem,size=512M,share=on" in args
-    spec.machine = "pc"
-    args = build_command(spec, tmp_path, vm.accel)
-    assert "vhost-user-blk-pci,chardev=vu0,num-queues=1" in args
+    assert "vhost-user-blk-pci,chardev=vu0,num-queues=1" in BlkDevice.qemu_args(
+        Slot("disk0", "/s.sock", "pci", "t", "vu0", 0))
     assert virtio_device("virtio-net", "pc", netdev="n0", vectors=0) == \
         ["-device", "virtio-net-pci,netdev=n0,vectors=0"]
     assert virtio_device("virtio-net", "microvm", netdev="n0", vectors=0) == \
@@ -178,7 +182,7 @@ def test_virtio_blk_write_reaches_host_file(make_vm: Callable[..., VM], tmp_path
     disk = tmp_path / "disk.raw"
     disk.write_bytes(bytes(1 << 20))
     cmd = "printf 'ALACRITY%.0s' $(seq 64) | dd of=/dev/vda bs=512 seek=1 count=1 conv=fsync"
-    vm = make_vm(f"blk-{machine}", machine=machine, cmd=cmd, extra_devices=[
+    vm = make_vm(f"blk-{machine}", machine=machine, cmd=cmd, devices=[
         ["-drive", f"file={disk},if=none,id=d0,format=raw"],
         virtio_device("virtio-blk", machine, drive="d0")])
     assert vm.wait_exit(120) == 0

@@ -10,6 +10,7 @@ boot once for the whole module.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -28,19 +29,30 @@ from pathlib import Path
 import pytest
 
 from alacrity.client.net import NetClient
-from alacrity.devices.switch import SwitchProcess
-from alacrity.vm.qemu import (
-    QEMU,
-    VM,
-    NetAttachment,
-    VmSpec,
-    build_command,
-    check_mac,
-    check_network,
-    local_mac,
-)
+from alacrity.devices import Slot
+from alacrity.devices.switch import SwitchDevice
+from alacrity.switch.launcher import SwitchProcess
+from alacrity.virtio.net import check_mac, local_mac
+from alacrity.vm.machine import machine
+from alacrity.vm.qemu import QEMU, VM, VmSpec, build_command, check_network
 from alacrity.vm.runtime import VmError
 from tests import packets
+
+
+@dataclasses.dataclass(frozen=True)
+class NetAttachment:
+    """A NIC on a switch port's socket, as a switch device on a bus gives a VM."""
+
+    socket: str | Path
+    mac: str
+
+
+def nic_devices(nics: list[NetAttachment], machine_name: str = "microvm") -> list[list[str]]:
+    transport = machine(machine_name).transport
+    return [SwitchDevice.qemu_args(Slot("lan", str(nic.socket), transport, "vm", f"net{i}", i,
+                                        {"mac": nic.mac}))
+            for i, nic in enumerate(nics)]
+
 
 needs_qemu = pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"{QEMU} not installed")
 NET = "10.77.0"
@@ -155,10 +167,11 @@ class Guest:
         self.console = root / f"{name}.console"
         self.vm = VM(VmSpec(
             f"vmnet-{name}-{os.getpid()}", image.kernel, image.initrd, console=self.console,
-            cmd=SHELL_CMD, ip=f"{ip}/24", nics=nics, run_dir=root / f"{name}.run",
-            extra_devices=[["-chardev", f"socket,id=sh,path={self.shell_path},server=on,wait=off",
-                            # microvm makes one serial port; this one is COM2.
-                            "-device", "isa-serial,chardev=sh,iobase=0x2f8,irq=3"], *(extra or [])]))
+            cmd=SHELL_CMD, ip=f"{ip}/24", run_dir=root / f"{name}.run",
+            devices=[*nic_devices(nics),
+                     ["-chardev", f"socket,id=sh,path={self.shell_path},server=on,wait=off",
+                      # microvm makes one serial port; this one is COM2.
+                      "-device", "isa-serial,chardev=sh,iobase=0x2f8,irq=3"], *(extra or [])]))
         self.sock: socket.socket | None = None
         self.buffer = b""
 
@@ -256,20 +269,17 @@ def trio(lan: Lan, guest_image) -> Iterator[dict[str, Guest]]:
 
 def test_nic_command_line(tmp_path: Path) -> None:
     nic = NetAttachment(tmp_path / "a,b.sock", "02:AA:bb:cc:dd:ee")
-    spec = VmSpec("t", Path("k"), Path("i"), nics=[nic], accel="tcg", console=tmp_path / "log",
-                  ip="10.0.0.2/24", gw="10.0.0.1")
+    spec = VmSpec("t", Path("k"), Path("i"), devices=nic_devices([nic]), accel="tcg",
+                  console=tmp_path / "log", ip="10.0.0.2/24", gw="10.0.0.1")
     args = build_command(spec, tmp_path, VM(spec).accel)
     assert f"socket,id=net0,path={tmp_path}/a,,b.sock,reconnect=1" in args
-    assert "vhost-user,id=n0,chardev=net0" in args
-    assert "virtio-net-device,netdev=n0,mac=02:aa:bb:cc:dd:ee" in args
+    assert "vhost-user,id=net0,chardev=net0" in args
+    assert "virtio-net-device,netdev=net0,mac=02:aa:bb:cc:dd:ee" in args
     append = args[args.index("-append") + 1]
     assert "alacrity.ip=10.0.0.2/24" in append and "alacrity.gw=10.0.0.1" in append
-    spec.machine = "q35"
-    assert "virtio-net-pci,netdev=n0,mac=02:aa:bb:cc:dd:ee,vectors=0" in build_command(
-        spec, tmp_path, VM(spec).accel)
-    spec.nics = [NetAttachment("s", "01:00:5e:00:00:01")]
-    with pytest.raises(VmError, match="multicast"):
-        build_command(spec, tmp_path, VM(spec).accel)
+    assert "virtio-net-pci,netdev=net0,mac=02:aa:bb:cc:dd:ee,vectors=0" in nic_devices([nic], "q35")[0]
+    with pytest.raises(ValueError, match="multicast"):
+        nic_devices([NetAttachment("s", "01:00:5e:00:00:01")])
 
 
 def test_macs_and_addresses() -> None:
@@ -291,18 +301,21 @@ def test_macs_and_addresses() -> None:
 
 
 def test_vm_run_nics_follow_the_bus_switches() -> None:
-    from alacrity.cli.main import UserError
-    from alacrity.cli.vm_cmd import nic_attachments
+    from alacrity.cli.errors import UserError
+    from alacrity.cli.vm_cmd import attach
     from alacrity.client import DeviceInfo
 
-    lans = [DeviceInfo(n, n, "switch", f"/run/{n}.sock") for n in ("lan0", "lan1")]
-    nics = nic_attachments(lans, ["02:00:00:00:00:01"], "vm1")
-    assert [n.socket for n in nics] == ["/run/lan0.sock", "/run/lan1.sock"]
-    assert nics[0].mac == "02:00:00:00:00:01" and nics[1].mac == local_mac("vm1/lan1")
-    assert nic_attachments(lans, [], "vm1")[1] == nics[1]  # stable for a named VM
-    assert nic_attachments(lans, [], None)[0].mac != nic_attachments(lans, [], None)[0].mac
+    devices = [DeviceInfo("lan0", "lan0", "switch", "/run/lan0.sock"),
+               DeviceInfo("disk0", "disk0", "blk", "/run/disk0.sock"),
+               DeviceInfo("lan1", "lan1", "switch", "/run/lan1.sock")]
+    args, nics = attach(devices, "vm1", "microvm", ["02:00:00:00:00:01"])
+    assert nics == 2 and len(args) == 3
+    assert "socket,id=d0,path=/run/lan0.sock,reconnect=1" in args[0]
+    assert "vhost-user-blk,chardev=d1,num-queues=1" in args[1]
+    assert f"virtio-net-device,netdev=d2,mac={local_mac('vm1/lan1')}" in args[2]  # stable per VM name
+    assert "virtio-net-device,netdev=d0,mac=02:00:00:00:00:01" in args[0]
     with pytest.raises(UserError, match="3 --mac given"):
-        nic_attachments(lans, ["02:00:00:00:00:01"] * 3, None)
+        attach(devices, "vm1", "microvm", ["02:00:00:00:00:01"] * 3)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -337,7 +350,7 @@ def test_refused_nic_fails_fast(tmp_path: Path, guest_image) -> None:
 
     threading.Thread(target=refuse, daemon=True).start()
     vm = VM(VmSpec("refused", guest_image.kernel, guest_image.initrd, cmd="true", console=tmp_path / "log",
-                   nics=[NetAttachment(path, local_mac())], run_dir=tmp_path / "run"))
+                   devices=nic_devices([NetAttachment(path, local_mac())]), run_dir=tmp_path / "run"))
     try:
         vm.start()
         start = time.monotonic()

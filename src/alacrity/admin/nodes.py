@@ -20,7 +20,7 @@ TOP = ("classes", "devices", "buses")
 @dataclass
 class Node:
     kind: str  # "dir", "file" or "link"
-    read: Callable[[], str] = lambda: ""  # file content, or link target
+    read: Callable[[], str | bytes] = lambda: ""  # file content (text or bytes), or link target
     write: Callable[[str], None] | None = None  # None: read-only
     entries: Callable[[], list[str]] = list  # directory listing
 
@@ -114,13 +114,20 @@ def _device_node(model: Model, rest: list[str]) -> Node:
     if len(rest) == 3 and entry.instance is not None:
         dev = entry.instance
         if rest[2] in _view_dir(dev, rest[1]):
-            return Node("file", read=lambda: _view_dir(dev, rest[1]).get(rest[2], ""))
+            return Node("file", read=lambda: _view_file(_view_dir(dev, rest[1]).get(rest[2], "")))
     raise Missing(rest[-1])
 
 
 def _view_dir(dev: Device, name: str) -> dict[str, str]:
     view = dev.views().get(name)
     return view if isinstance(view, dict) else {}
+
+
+def _view_file(value: object) -> str | bytes:
+    """A file of a view directory: text, bytes, or a callable giving either when the file
+    is opened (a console's log is copied only for whoever reads it)."""
+    content = value() if callable(value) else value
+    return content if isinstance(content, bytes) else str(content)
 
 
 def _natural(name: str) -> tuple[int, str]:

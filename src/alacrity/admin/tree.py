@@ -85,9 +85,10 @@ class AdminTree(mfusepy.Operations):
 
     def _content(self, node: Node) -> bytes:
         try:
-            return node.read().encode()
+            content = node.read()
         except AdminError as exc:  # the object vanished between lookup and read
             raise mfusepy.FuseOSError(exc.errno) from None
+        return content if isinstance(content, bytes) else content.encode()
 
     # ---- reading
 

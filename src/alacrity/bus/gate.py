@@ -23,12 +23,13 @@ import selectors
 import socket
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alacrity.bus.identity import IdentityError, Peer, identify, peer_uid
 from alacrity.bus.model import Model
+from alacrity.bus.status import Status
 from alacrity.devices.base import Device
 from alacrity.errors import AdminError
 from alacrity.vhost_user.connection import Connection
@@ -54,6 +55,8 @@ CONNECT_BURST = 400.0
 #: ... and each such check costs a /proc read per generation of the peer's ancestry: a
 #: connection from deeper than this many generations is charged one more token for each.
 FREE_GENERATIONS = 16
+#: Refusals remembered for `{"op": "refusals"}`.
+RECENT_REFUSALS = 256
 #: After accept() fails for lack of fds or memory, accepting pauses this long.
 ACCEPT_PAUSE_S = 0.1
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -68,6 +71,7 @@ class ControlConn:
     inbox: bytearray = field(default_factory=bytearray)
     outbox: bytearray = field(default_factory=bytearray)
     last_active: float = field(default_factory=time.monotonic)
+    waiting: bool = False  # a reply is being made off the gate's thread (status): later lines wait
 
 
 class Gate:
@@ -85,12 +89,21 @@ class Gate:
         self.lock = threading.Lock()
         self.refusals = 0
         self.refusal_log: dict[tuple[int, str, str], tuple[float, int]] = {}
+        # The latest refusals of identified peers, for their ancestors to ask about
+        # (`alacrity vm run` tells its user why QEMU was turned away): (pids up the
+        # peer's chain, start times, what, why, when).
+        self.recent_refusals: deque[tuple[frozenset[tuple[int, int]], str, str, float]] = deque(
+            maxlen=RECENT_REFUSALS)
         self.connect_budget: dict[int, tuple[float, float]] = {}  # uid -> (tokens, when)
         self.accept_paused_until = 0.0
         self.accept_errors_logged = 0.0
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self._loop, name="gate", daemon=True)
         self.stopping = False
+        # Root's `status` (alacrity top): made in a thread of its own, never in the gate's.
+        self.status = Status(model, self)
+        self.status_done: deque[tuple[ControlConn, bytes]] = deque()
+        self.status_making = 0
 
     # -- life cycle
     def start(self) -> None:
@@ -118,6 +131,7 @@ class Gate:
         for name in list(self.listeners):
             self.remove_device(name)
         self.control.close()
+        self.status.close()
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError):  # full: already awake
@@ -172,6 +186,7 @@ class Gate:
                 try:
                     if kind == "wake":
                         os.read(self.wake_r, 4096)
+                        self._deliver_status()
                     elif kind == "listen":
                         self._accept(key.fileobj, data)  # type: ignore[arg-type]
                     elif kind == "control":
@@ -273,12 +288,15 @@ class Gate:
                     self.selector.register(sock, selectors.EVENT_READ, ("listen", name))
 
     def refuse(self, sock: socket.socket, what: str, peer: Peer | None, why: str) -> None:
-        sock.close()
-        with self.lock:
+        with self.lock:  # recorded before the peer sees the close, so it can ask why at once
             self._log_refusal(what, peer, why)
+        sock.close()
 
     def _log_refusal(self, what: str, peer: Peer | None, why: str) -> None:
         self.refusals += 1
+        if peer is not None:
+            chain = frozenset((task.pid, task.start_time) for task in peer.chain)
+            self.recent_refusals.append((chain, what, why, time.monotonic()))
         who = f"pid {peer.pid} (uid {peer.uid})" if peer else "unidentified peer"
         # A refused QEMU retries thousands of times a second: log each (peer, what, why)
         # once per REFUSAL_LOG_S, with how many were not logged meanwhile.
@@ -376,15 +394,21 @@ class Gate:
             return self._close_control(control)
         control.last_active = time.monotonic()
         control.inbox += data
-        while (end := control.inbox.find(b"\n")) >= 0:
-            line, control.inbox = bytes(control.inbox[:end]), control.inbox[end + 1 :]
-            reply = self._reply(line, control.peer)
-            control.outbox += json.dumps(reply).encode() + b"\n"
+        self._answer_lines(control)
         if len(control.inbox) > MAX_REQUEST:
             log.warning("control request over %d bytes from pid %d: closed", MAX_REQUEST, control.peer.pid)
             return self._close_control(control)
         self._flush(control)
         return None
+
+    def _answer_lines(self, control: ControlConn) -> None:
+        while not control.waiting and (end := control.inbox.find(b"\n")) >= 0:
+            line, control.inbox = bytes(control.inbox[:end]), control.inbox[end + 1 :]
+            reply = self._reply(line, control.peer)
+            if reply is _STATUS:
+                self._make_status(control)
+            else:
+                control.outbox += json.dumps(reply).encode() + b"\n"
 
     def _flush(self, control: ControlConn) -> bool:
         """Send what we can without blocking; False if the connection was closed."""
@@ -418,8 +442,12 @@ class Gate:
     def _answer(self, op: str, peer: Peer, bus: str | None) -> dict:
         if op == "whoami":
             return {"pid": peer.pid, "uid": peer.uid, "bus": bus}
-        if op != "devices":
-            return {"error": f"unknown op {op!r}: use devices or whoami"}
+        if op == "refusals":
+            return {"refusals": self._refusals_below(peer)}
+        if op == "status":
+            return self._status_op(peer)
+        if op not in ("devices", "check"):
+            return {"error": f"unknown op {op!r}: use devices, check, refusals, status or whoami"}
         if bus is None:
             with self.lock:  # connection threads count refusals too
                 self.refusals += 1
@@ -428,7 +456,8 @@ class Gate:
                 "error": f"pid {peer.pid} is not a member of any bus; root can admit it with "
                 f"'echo {peer.pid} > /run/alacrity/buses/BUS/members'"
             }
-        devices = [
+        on_bus = self.model.devices_of_bus(bus)
+        devices: list[dict] = [
             {
                 "name": link,
                 "device": instance.name,
@@ -436,6 +465,63 @@ class Gate:
                 "socket": str(self.socket_path(instance.name)),
                 "attributes": dict(instance.texts),
             }
-            for link, instance in self.model.devices_of_bus(bus)
+            for link, instance in on_bus
         ]
+        if op == "check":
+            # Would each device take the asker (or a child of it, e.g. its QEMU) now? Device
+            # state (and /proc) only: `refusal()` never touches the device's files or waits.
+            for entry, (_link, instance) in zip(devices, on_bus, strict=True):
+                entry["refusal"] = instance.refusal(peer.pid)
         return {"bus": bus, "devices": devices}
+
+    def _refusals_below(self, peer: Peer) -> list[dict[str, str | float]]:
+        """Refusals of the asker and its descendants, newest last: a process learns only
+        why its own children were turned away."""
+        me = (peer.pid, peer.start_time)
+        now = time.monotonic()
+        with self.lock:
+            return [{"what": what, "why": why, "age_s": round(now - when, 3)}
+                    for chain, what, why, when in self.recent_refusals if me in chain]
+
+    # -- root's status (alacrity top): the snapshot is made off the gate's thread, as a
+    # switch may take up to a second to answer; the connection's later lines wait for it.
+    def _status_op(self, peer: Peer) -> dict:
+        if peer.uid != 0:
+            why = "the status of every bus is root's: run 'alacrity top' as root"
+            with self.lock:
+                self._log_refusal("status", peer, why)
+            return {"error": why}
+        if self.status_making >= MAX_STATUS_MAKING:
+            return {"error": f"{MAX_STATUS_MAKING} status requests are being answered; try again"}
+        return _STATUS
+
+    def _make_status(self, control: ControlConn) -> None:
+        control.waiting = True
+        self.status_making += 1
+        threading.Thread(target=self._status_thread, args=(control,), name="status", daemon=True).start()
+
+    def _status_thread(self, control: ControlConn) -> None:
+        try:
+            reply = {"status": self.status.snapshot()}
+        except Exception as exc:  # never leave the connection waiting
+            log.exception("status snapshot failed")
+            reply = {"error": f"status failed: {exc}"}
+        self.status_done.append((control, json.dumps(reply).encode() + b"\n"))
+        self._wake()
+
+    def _deliver_status(self) -> None:
+        while self.status_done:
+            control, line = self.status_done.popleft()
+            self.status_making -= 1
+            if self.controls.get(control.sock.fileno()) is not control:
+                continue  # closed meanwhile
+            control.waiting = False
+            control.outbox += line
+            self._answer_lines(control)
+            self._flush(control)
+
+
+#: `_answer` says so for a status request: the reply comes later, from `_make_status`.
+_STATUS: dict = {}
+#: Status snapshots being made at once (each in a thread of its own).
+MAX_STATUS_MAKING = 4

@@ -60,7 +60,9 @@ def identify(sock: socket.socket) -> Peer:
     try:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as exc:
-        if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+        # Only ENOPROTOOPT means "no SO_PEERPIDFD here". Kernels 6.5 to about 6.14 answer
+        # EINVAL for a peer that has been reaped: its pid may be reused, so that is a refusal.
+        if exc.errno != errno.ENOPROTOOPT:
             raise IdentityError(f"no pidfd for the peer: {exc.strerror}") from None
         pidfd = _pidfd_by_pid(pid)
     try:

@@ -145,12 +145,13 @@ def alive(pid: int, started: int, known_ident: int | None = None) -> bool:
 
 def ancestry(pid: int, depth: int = MAX_DEPTH) -> list[Task]:
     """(pid, start_time) from `pid` up towards pid 1, at most `depth` tasks; shorter if a
-    process vanishes meanwhile."""
+    process vanishes meanwhile. A parent starts before its child: a "parent" that started
+    later is a reused pid (the real parent exited while we walked), and the walk stops."""
     chain: list[Task] = []
     seen: set[int] = set()
     while pid > 0 and pid not in seen and len(chain) < depth:
         stat = _stat(pid)
-        if stat is None:
+        if stat is None or (chain and stat.start_time > chain[-1].start_time):
             break
         chain.append(Task(pid, stat.start_time))
         seen.add(pid)

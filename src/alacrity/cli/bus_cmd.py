@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from alacrity import client
-from alacrity.cli.main import UserError
+from alacrity.cli.errors import UserError
 
 ADMIN_TREE = Path(os.environ.get("ALACRITY_ADMIN", "/run/alacrity"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from alacrity.cli.main import UserError
+from alacrity.cli.errors import UserError
 from alacrity.vm.image import ImageError, build_image
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from alacrity import __version__
+from alacrity.cli.errors import UserError
 from alacrity.errors import AdminError
 
 EPILOG = """\
@@ -22,17 +23,16 @@ then a VM joins it:
 """
 
 VM_RUN_EPILOG = """\
-Every switch on the bus becomes a virtio-net NIC, in the order 'alacrity bus show' lists
-them; the guest configures eth0 from --ip/--gw. Two guests on one switch:
-  alacrity vm run --bus lab --name a --ip 10.0.0.1/24 --cmd 'iperf3 -s -1'
-  alacrity vm run --bus lab --name b --ip 10.0.0.2/24 --cmd 'iperf3 -c 10.0.0.1 -t 5'
-(a switch on a bus: mkdir devices/lan0; echo switch > devices/lan0/type;
- ln -s ../../devices/lan0 buses/lab/lan0 in the admin tree)
+Each device on the bus is attached as its class says: a blk disk (vda, vdb, ...), a
+switch as a virtio-net NIC (eth0, eth1, ... in the order 'alacrity bus show' lists them;
+the guest configures eth0 from --ip/--gw), an rng as /dev/hwrng. Two guests on one switch,
+each on its own bus (a disk is written by one VM at a time unless its 'shared' is 1):
+  alacrity vm run --bus lab1 --name a --ip 10.0.0.1/24 --cmd 'iperf3 -s -1'
+  alacrity vm run --bus lab2 --name b --ip 10.0.0.2/24 --cmd 'iperf3 -c 10.0.0.1 -t 5'
+(one switch in both buses: mkdir devices/lan0; echo switch > devices/lan0/type;
+ ln -s ../../devices/lan0 buses/lab1/lan0; ln -s ../../devices/lan0 buses/lab2/lan0;
+ scripts/tour does all of it)
 """
-
-
-class UserError(Exception):
-    """A one-line error for the user; exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = vm_sub.add_parser(
         "run",
         help="boot a guest on a bus, with one vhost-user device per device on the bus",
-        description="Join BUS, ask the gate for its devices, and boot QEMU with them: each blk "
-        "device as a disk (vda, vdb, ...), each switch device as a NIC (eth0, eth1, ...). "
-        "The guest's exit status (from --cmd) becomes ours.",
+        description="Join BUS, ask the gate for its devices, and boot QEMU with each of them "
+        "attached as its class says. The guest's exit status (from --cmd) becomes ours.",
         epilog=VM_RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -86,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     vm_sub.add_parser("list", help="list running VMs")
     stop = vm_sub.add_parser("stop", help="power a VM off (then kill it)")
     stop.add_argument("name")
+    from alacrity.cli import console_cmd
+
+    console_cmd.add_parser(vm_sub)
 
     bus = sub.add_parser("bus", help="see your bus through the gate, or run a command in a bus")
     bus_sub = bus.add_subparsers(dest="bus_command", required=True, metavar="ACTION")
@@ -93,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     exec_ = bus_sub.add_parser("exec", help="admit this process to BUS (root), then exec COMMAND")
     exec_.add_argument("bus")
     exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND")
+
+    from alacrity.cli import check_cmd
+
+    check_cmd.add_parser(sub)
+    from alacrity.cli import top_cmd
+
+    top_cmd.add_parser(sub)
     return parser
 
 
@@ -110,6 +119,12 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin-group", metavar="GROUP",
         help="a group whose members may read the admin tree (default: root only)",
+    )
+    parser.add_argument(
+        "--metrics", action="append", metavar="ADDR",
+        help="serve Prometheus metrics (GET /metrics) on ADDR: HOST:PORT (e.g. 127.0.0.1:9464), "
+        "[IPV6]:PORT or unix:PATH; repeat for several; 'off' for none (default: unix:RUN_DIR/"
+        "metrics.sock, root only, always served unless another unix: is given; docs/metrics.md)",
     )
 
 
@@ -131,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             from alacrity.cli.image_cmd import image_build
 
             return image_build(args)
+        if args.command == "vm" and args.vm_command == "console":
+            from alacrity.cli import console_cmd
+
+            return console_cmd.run(args)
         if args.command == "vm":
             from alacrity.cli import vm_cmd
 
@@ -139,6 +158,14 @@ def main(argv: list[str] | None = None) -> int:
             from alacrity.cli import bus_cmd
 
             return bus_cmd.dispatch(args)
+        if args.command == "check":
+            from alacrity.cli import check_cmd
+
+            return check_cmd.run(args)
+        if args.command == "top":
+            from alacrity.cli import top_cmd
+
+            return top_cmd.run(args)
     except (UserError, AdminError) as exc:
         print(f"alacrity: {exc}", file=sys.stderr)
         return 2
@@ -151,7 +178,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     import grp
 
     from alacrity import ids
-    from alacrity.bus.daemon import Daemon, DaemonConfig
+    from alacrity.daemon import Daemon, DaemonConfig
 
     try:
         id_range = ids.parse_range(args.id_range)
@@ -164,7 +191,14 @@ def run_daemon(args: argparse.Namespace) -> int:
         except KeyError:
             why = f"no group {args.admin_group!r}: create it (groupadd) or drop --admin-group"
             raise UserError(why) from None
-    Daemon(DaemonConfig(args.mount, args.state_dir, args.run_dir, id_range, admin_gid)).run()
+    from alacrity.bus import metrics
+
+    try:
+        metrics.endpoints(args.metrics, args.run_dir)  # checked before anything starts
+        Daemon(DaemonConfig(args.mount, args.state_dir, args.run_dir, id_range, admin_gid,
+                            metrics=tuple(args.metrics or ()))).run()
+    except (ValueError, metrics.MetricsError) as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 

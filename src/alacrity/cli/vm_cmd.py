@@ -10,8 +10,11 @@ import time
 
 from alacrity import client
 from alacrity.cli.bus_cmd import join
-from alacrity.cli.main import UserError
-from alacrity.vm.qemu import VM, NetAttachment, VmSpec, check_mac, check_network, local_mac
+from alacrity.cli.errors import UserError
+from alacrity.devices import Slot, device_class
+from alacrity.virtio.net import check_mac
+from alacrity.vm.machine import DEFAULT_MACHINE, machine
+from alacrity.vm.qemu import VM, VmSpec, check_network, serial_chardev
 from alacrity.vm.runtime import VmError, list_vms, stop_vm
 
 
@@ -46,17 +49,36 @@ def guest_files(args: argparse.Namespace) -> tuple:
     return image.kernel, image.initrd
 
 
-def nic_attachments(switches: list[client.DeviceInfo], macs: list[str],
-                    name: str | None) -> list[NetAttachment]:
-    """One NIC per switch device, in the gate's order: the given MACs first, then MACs
-    derived from the VM's name (stable across runs), or random ones without a name."""
-    if len(macs) > len(switches):
-        raise UserError(f"{len(macs)} --mac given, but the bus has {len(switches)} switch device(s)")
-    return [
-        NetAttachment(dev.socket, macs[i] if i < len(macs)
-                      else local_mac(f"{name}/{dev.name}" if name else None))
-        for i, dev in enumerate(switches)
-    ]
+def attach(devices: list[client.DeviceInfo], vm_name: str, machine_name: str,
+           macs: list[str]) -> tuple[list[list[str]], int]:
+    """QEMU's arguments for each device on the bus, from its class, in the gate's order,
+    and how many NICs they give. The given MACs go to the NICs in order; the rest are
+    derived from the VM's and the device's names (stable across runs)."""
+    transport = machine(machine_name).transport
+    attached: list[list[str]] = []
+    per_class: dict[str, int] = {}
+    skipped: list[str] = []
+    nics = 0
+    for n, dev in enumerate(devices):
+        try:
+            cls = device_class(dev.device_class)
+        except KeyError:
+            skipped.append(dev.name)
+            continue
+        index = per_class.get(dev.device_class, 0)
+        options = {"mac": macs[nics]} if cls.gives_nic and nics < len(macs) else {}
+        args = cls.qemu_args(Slot(dev.name, dev.socket, transport, vm_name, f"d{n}", index, options))
+        if not args:
+            skipped.append(dev.name)
+            continue
+        per_class[dev.device_class] = index + 1
+        nics += cls.gives_nic
+        attached.append(args)
+    if len(macs) > nics:
+        raise UserError(f"{len(macs)} --mac given, but the bus has {nics} device(s) that give a NIC")
+    if skipped:
+        print(f"alacrity: not attaching devices VMs cannot use: {', '.join(skipped)}", file=sys.stderr)
+    return attached, nics
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,17 +91,21 @@ def run(args: argparse.Namespace) -> int:
     join(args.bus)
     try:
         bus = client.connect()
+        refused = bus.refusals()
     except client.GateError as exc:
         raise UserError(str(exc)) from None
-    disks = [dev.socket for dev in bus.devices if dev.device_class == "blk"]
-    nics = nic_attachments([dev for dev in bus.devices if dev.device_class == "switch"], macs, args.name)
+    if refused:
+        more = f" (and {len(refused) - 1} more device(s) refused)" if len(refused) > 1 else ""
+        raise UserError(next(iter(refused.values())) + more)
+    name = args.name or f"{args.bus}-{os.getpid()}"
+    devices, nics = attach(bus.devices, name, DEFAULT_MACHINE, macs)
+    if args.cmd is None and serial_chardev(devices) is not None:  # a console device has ttyS0
+        print(f"alacrity: the guest's console is on the bus: type into it with 'alacrity vm console {name}'",
+              file=sys.stderr)
     if args.ip and not nics:
         raise UserError(f"--ip {args.ip}: bus {args.bus!r} has no switch device, so the guest has no eth0")
-    others = [dev.name for dev in bus.devices if dev.device_class not in ("blk", "switch")]
-    if others:
-        print(f"alacrity: not attaching devices of other classes: {', '.join(others)}", file=sys.stderr)
     spec = VmSpec(
-        name=args.name or f"{args.bus}-{os.getpid()}",
+        name=name,
         kernel=kernel,
         initrd=initrd,
         mem_mib=args.mem,
@@ -87,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
         cmd=args.cmd,
         append=args.append,
         console=args.log or "stdio",
-        vhost_user_blk=disks,
-        nics=nics,
+        devices=devices,
         ip=args.ip,
         gw=args.gw,
     )
@@ -101,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         vm.start()
         return vm.wait_exit(args.timeout or 10**9)
     except (VmError, TimeoutError) as exc:
-        raise UserError(str(exc)) from None
+        # A device that refused QEMU after the check (a race) makes QEMU fail with its own
+        # words; the gate's reason is the one that helps.
+        why = client.refusal(bus.run_dir)
+        raise UserError(f"the gate refused the VM a device: {why}" if why else str(exc)) from None
     finally:
         vm.kill()

@@ -10,6 +10,7 @@ bus has; `Bus.open(name)` connects to one and returns its driver.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -19,12 +20,12 @@ from typing import Any
 
 from alacrity.client.blk import BlkClient, BlkError
 from alacrity.client.net import NetClient, NetError
+from alacrity.devices import CLASSES
 from alacrity.vhost_user.messages import ProtocolError
 
 __all__ = ["Bus", "DeviceInfo", "GateError", "BlkClient", "BlkError", "NetClient", "NetError", "connect",
            "DEFAULT_RUN_DIR"]
 
-DRIVERS: dict[str, Any] = {"blk": BlkClient, "switch": NetClient}
 DEFAULT_RUN_DIR = Path(os.environ.get("ALACRITY_RUN_DIR", "/run/alacrityd"))
 
 
@@ -60,6 +61,7 @@ def ask(run_dir: Path, request: dict) -> dict:
 class Bus:
     name: str
     devices: list[DeviceInfo]
+    run_dir: Path = DEFAULT_RUN_DIR
 
     def device(self, name: str) -> DeviceInfo:
         for info in self.devices:
@@ -68,30 +70,64 @@ class Bus:
         known = ", ".join(d.name for d in self.devices) or "none"
         raise GateError(f"bus {self.name} has no device {name!r} (it has: {known})")
 
+    def refusals(self) -> dict[str, str]:
+        """Devices the gate would turn this process (or its children) away from now, with
+        its reason: asked before a VM starts, so the user reads why, not QEMU's errors."""
+        reply = ask(self.run_dir, {"op": "check"})
+        if "error" in reply:
+            raise GateError(reply["error"])
+        return {d["name"]: d["refusal"] for d in reply.get("devices", []) if d.get("refusal")}
+
     def open(self, name: str, **options: Any) -> Any:
         """Connect to device `name`: a `BlkClient` for a blk device, a `NetClient` (a new
         port) for a switch. `options` go to the client's constructor."""
         info = self.device(name)
-        driver = DRIVERS.get(info.device_class)
+        driver = driver_of(info.device_class)
         if driver is None:
-            known = ", ".join(DRIVERS)
-            raise GateError(f"device {name} is a {info.device_class}; this client drives: {known}")
+            raise GateError(f"device {name} is a {info.device_class}, which has no client driver")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(info.socket)
             return driver(sock, **options)
         except (OSError, ProtocolError) as exc:
             sock.close()
+            why = refusal(self.run_dir, info.device)
+            if why:
+                raise GateError(f"device {name}: {why}") from None
             raise GateError(f"device {name}: refused by the gate or the device ({exc})") from None
+
+
+def refusal(run_dir: Path, device: str | None = None, within_s: float = 10.0) -> str | None:
+    """The gate's reason for its latest refusal of this process or one of its children
+    (for `device`, if given), if it refused one in the last `within_s` seconds."""
+    try:
+        reply = ask(run_dir, {"op": "refusals"})
+    except (GateError, OSError, ValueError):
+        return None
+    for entry in reversed(reply.get("refusals", [])):
+        recent = entry.get("age_s", within_s) < within_s
+        if recent and (device is None or entry.get("what") == f"device {device}"):
+            return str(entry.get("why"))
+    return None
+
+
+def driver_of(class_name: str) -> Any:
+    """The client driver a device class declares (`Device.client_driver`), or None."""
+    cls = CLASSES.get(class_name)
+    if cls is None or not cls.client_driver:
+        return None
+    module, _, attr = cls.client_driver.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def connect(run_dir: str | os.PathLike[str] | None = None) -> Bus:
     """Ask the gate for our bus's devices. Raises GateError if we are in no bus."""
-    reply = ask(Path(run_dir) if run_dir else DEFAULT_RUN_DIR, {"op": "devices"})
+    where = Path(run_dir) if run_dir else DEFAULT_RUN_DIR
+    reply = ask(where, {"op": "devices"})
     if "error" in reply:
         raise GateError(reply["error"])
     devices = [
         DeviceInfo(d["name"], d["device"], d["class"], d["socket"], d.get("attributes", {}))
         for d in reply["devices"]
     ]
-    return Bus(reply["bus"], devices)
+    return Bus(reply["bus"], devices, where)

@@ -2,7 +2,7 @@
 with the rings and buffers in our own memfd.
 
 `NetDriver` is the sans-I/O driver side (two rings and their buffers in one memory
-area); `NetClient` adds the vhost-user frontend and the eventfds:
+area); `NetClient` is the `Driver` that registers them with the switch and waits on them:
 
     with NetClient(sock) as nic:
         nic.send(frame)
@@ -19,9 +19,8 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from alacrity.client.area import SharedArea
-from alacrity.vhost_user.frontend import Frontend
-from alacrity.vhost_user.messages import F_PROTOCOL_FEATURES, ProtocolError, ProtocolFeature, Req
+from alacrity.client.driver import Driver, DriverError
+from alacrity.vhost_user.messages import F_PROTOCOL_FEATURES, ProtocolError
 from alacrity.virtio import net as vn
 from alacrity.virtio.driver_queue import DriverQueue, RingLayout
 from alacrity.virtio.features import F_VERSION_1, RING_F_EVENT_IDX, bit, has
@@ -31,7 +30,7 @@ POLL_BUDGET_S = 50e-6
 HDR = vn.HEADER_SIZE
 
 
-class NetError(OSError):
+class NetError(DriverError):
     pass
 
 
@@ -123,64 +122,37 @@ class NetDriver:
         return self.txq.publish()
 
 
-class NetClient:
+class NetClient(Driver):
     """A port on a switch, driven by this process: `send()`, `send_batch()`, `recv()`, `recv_batch()`."""
+
+    device_features = bit(vn.F_MRG_RXBUF) | bit(vn.F_MAC) | bit(vn.F_MTU) | bit(vn.F_STATUS)
+    required_features = (F_VERSION_1, vn.F_MRG_RXBUF, F_PROTOCOL_FEATURES)
+    error = NetError
 
     def __init__(self, sock: socket.socket, *, queue_size: int = 256, rx_buffer: int = 2048,
                  max_frame: int = 1518, timeout: float = 10.0) -> None:
-        self.timeout = timeout
         tx_slot = (HDR + max_frame + 63) & ~63
-        self.shared = SharedArea(NetDriver.area_size(queue_size, rx_buffer, tx_slot), "alacrity-net")
-        self.driver = NetDriver(self.shared.view, queue_size=queue_size, rx_buffer=rx_buffer, tx_slot=tx_slot)
-        self.frontend = Frontend(sock)
-        self.kicks = 0
-        self.interrupts = 0
+        super().__init__(sock, buffers=NetDriver.area_size(queue_size, rx_buffer, tx_slot), timeout=timeout)
         self.inbox: deque[bytes] = deque()
-        self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(4)]
-        self.rx_kick, self.rx_call, self.tx_kick, self.tx_call = self.eventfds
         try:
-            self._negotiate()
-            self._start_rings()
+            config = self.negotiate(vn.CONFIG.size, need_config=False)
+            self.mac, self.mtu = _random_mac(), 1500
+            if config:
+                mac, _status, _pairs, mtu = vn.parse_config(config)
+                if has(self.features, vn.F_MAC):
+                    self.mac = mac
+                if has(self.features, vn.F_MTU) and mtu:
+                    self.mtu = mtu
+            # NetDriver (sans-I/O, tested alone) lays out both rings and their buffers itself.
+            self.driver = NetDriver(self.area.view, queue_size=queue_size, rx_buffer=rx_buffer,
+                                    tx_slot=tx_slot, event_idx=has(self.features, RING_F_EVENT_IDX))
+            self.rx = self.shm(RX, queue_size, self.driver.rxq)
+            self.tx = self.shm(TX, queue_size, self.driver.txq)
+            self.driver.stock_rx()
+            self.enable(RX, TX)
         except (OSError, ProtocolError):
             self.close()
             raise
-
-    def _negotiate(self) -> None:
-        fe = self.frontend
-        offered = fe.get_features()
-        wanted = (bit(F_VERSION_1) | bit(RING_F_EVENT_IDX) | bit(F_PROTOCOL_FEATURES) | bit(vn.F_MRG_RXBUF)
-                  | bit(vn.F_MAC) | bit(vn.F_MTU) | bit(vn.F_STATUS))
-        for needed in (F_VERSION_1, vn.F_MRG_RXBUF, F_PROTOCOL_FEATURES):
-            if not has(offered, needed):
-                raise NetError(f"the switch does not offer feature bit {needed}")
-        self.features = offered & wanted
-        protocol = fe.get_protocol_features()
-        fe.set_protocol_features(protocol & (bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)))
-        fe.reply_ack = has(protocol, ProtocolFeature.REPLY_ACK)
-        fe.set_owner()
-        self.mac = _random_mac()
-        self.mtu = 1500
-        if has(protocol, ProtocolFeature.CONFIG):
-            mac, _status, _pairs, mtu = vn.parse_config(fe.get_config(vn.CONFIG.size))
-            if has(self.features, vn.F_MAC):
-                self.mac = mac
-            if has(self.features, vn.F_MTU) and mtu:
-                self.mtu = mtu
-        fe.set_features(self.features)
-
-    def _start_rings(self) -> None:
-        fe, uva, d = self.frontend, self.shared.uva, self.driver
-        fe.set_mem_table([self.shared.region()], [self.shared.fd])
-        for index, lay, kick, call in ((RX, d.rx_layout, self.rx_kick, self.rx_call),
-                                       (TX, d.tx_layout, self.tx_kick, self.tx_call)):
-            fe.set_vring_num(index, lay.size)
-            fe.set_vring_base(index, 0)
-            fe.set_vring_addr(index, uva + lay.desc, uva + lay.used, uva + lay.avail)
-            fe.set_vring_fd(Req.SET_VRING_KICK, index, kick)
-            fe.set_vring_fd(Req.SET_VRING_CALL, index, call)
-        d.stock_rx()
-        for index in (RX, TX):
-            fe.set_vring_enable(index, True)
 
     # -- sending
     def send(self, frame: bytes | memoryview, *, header: bytes | None = None) -> None:
@@ -199,9 +171,7 @@ class NetClient:
         return count
 
     def _flush_tx(self) -> None:
-        if self.driver.publish_tx():
-            os.eventfd_write(self.tx_kick, 1)
-            self.kicks += 1
+        self.publish(self.tx)
 
     def _wait_tx_slot(self) -> None:
         txq = self.driver.txq
@@ -213,7 +183,7 @@ class NetClient:
                 return
             if txq.enable_interrupts():
                 continue
-            self._sleep([self.tx_call], deadline, "completed no TX buffer")
+            self._sleep([self.tx.call], deadline, "completed no TX buffer")
 
     # -- receiving
     def recv_batch(self, timeout: float = 0.0) -> list[bytes]:
@@ -239,7 +209,7 @@ class NetClient:
             if frames:
                 self.inbox.extend(frames)
                 if d.stock_rx():
-                    os.eventfd_write(self.rx_kick, 1)
+                    os.eventfd_write(self.rx.kick, 1)
                     self.kicks += 1
                 d.rxq.disable_interrupts()
                 return
@@ -249,7 +219,7 @@ class NetClient:
                 continue
             if time.monotonic() >= deadline:
                 return
-            if not self._sleep([self.rx_call], deadline, None):
+            if not self._sleep([self.rx.call], deadline, None):
                 return
 
     def _sleep(self, fds: list[int], deadline: float, what: str | None) -> bool:
@@ -268,19 +238,6 @@ class NetClient:
             except BlockingIOError:
                 pass
         return True
-
-    def close(self) -> None:
-        self.frontend.close()
-        for fd in self.eventfds:
-            os.close(fd)
-        self.eventfds = []
-        self.shared.close()
-
-    def __enter__(self) -> NetClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _random_mac() -> bytes:

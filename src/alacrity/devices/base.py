@@ -1,9 +1,11 @@
-"""What every device class is: declared admin attributes, read-only state, and the two verbs.
+"""What every device class is: declared admin attributes, read-only state, how a VM
+attaches it, and the client driver that drives it from a process.
 
-A device class is a subclass of `Device` registered in `alacrity.devices.CLASSES`.
-The admin tree shows its `attributes` as files; the vhost-user layer opens a
-`Session` per accepted connection and maps protocol messages onto the verbs:
-`call()` for synchronous control and `shm()` when a ring is registered.
+A device class is a subclass of `Device` in a module of its own, listed in
+`alacrity.devices.CLASSES`. The admin tree shows its `attributes` as files; the gate
+asks `open()` for a `Session` (alacrity.vhost_user.session) per accepted connection, and
+the vhost-user layer maps protocol messages onto that session's hooks. See
+docs/devices.md for a walk through the smallest class, `rng`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import re
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from alacrity.errors import AdminError, busy, invalid
+from alacrity.vhost_user.session import Session
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 #: off_t is a signed 64-bit integer: no file can be larger than this.
@@ -41,6 +44,21 @@ def reserve_paths(*dirs: str | os.PathLike[str]) -> None:
 def reserved_paths() -> tuple[str, ...]:
     """The directories `reserve_paths` marked, absolute and normalized."""
     return _reserved
+
+
+def holder(pid: int) -> str:
+    """Who `pid` is, for a message: "VM NAME (pid N)" for a QEMU started with -name,
+    else "pid N"."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read(65536).split(b"\0")
+    except OSError:
+        return f"pid {pid}"
+    if "-name" in (arg.decode(errors="replace") for arg in argv):
+        name = argv[argv.index(b"-name") + 1].decode(errors="replace").split(",")[0]
+        if name and name.isprintable() and len(name) <= 64:
+            return f"VM {name} (pid {pid})"
+    return f"pid {pid}"
 
 
 def parse_size(text: str) -> int:
@@ -75,6 +93,46 @@ def parse_text(limit: int) -> Callable[[str], str]:
     return parse
 
 
+# QEMU 7.2 names most virtio-mmio models KIND-device, but not these.
+_MMIO_NAMES = {k: k for k in ("vhost-user-blk", "vhost-user-scsi", "vhost-user-rng",
+                              "vhost-user-input", "vhost-user-gpu")}
+
+
+def qemu_device(kind: str, transport: str, **props: str | int) -> list[str]:
+    """`-device` arguments for virtio device `kind` on a transport ("pci" or "mmio"), e.g.
+    qemu_device("vhost-user-blk", "pci", chardev="vu0", num_queues=1). Properties with
+    underscores are written with dashes; PCI-only ones (vectors) are dropped on mmio."""
+    model = f"{kind}-pci" if transport == "pci" else _MMIO_NAMES.get(kind, f"{kind}-device")
+    parts = [model]
+    for key, value in props.items():
+        if transport != "pci" and key in ("vectors", "addr", "bus"):
+            continue
+        parts.append(f"{key.replace('_', '-')}={value}")
+    return ["-device", ",".join(parts)]
+
+
+def chardev_socket(ident: str, path: str, reconnect: bool = True) -> list[str]:
+    """A chardev that connects to the gate's socket `path`, as vhost-user needs. QEMU
+    connects before the guest starts; reconnect=1 matters if the socket is absent (QEMU
+    then retries every second) or the backend restarts. QEMU 7.2's simpler vhost-user
+    devices (rng, vsock) do not wait for a reconnecting chardev: they need reconnect=False."""
+    option = f"socket,id={ident},path={path.replace(',', ',,')}"
+    return ["-chardev", option + (",reconnect=1" if reconnect else "")]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One device of a bus, as a VM attaches it: what a class needs to write QEMU's arguments."""
+
+    device: str  # the device's name on the bus
+    socket: str  # the gate's socket for it
+    transport: str  # "mmio" (QEMU's microvm machine) or "pci" (pc, q35)
+    vm: str  # the VM's name
+    id: str  # unique among the VM's devices: use it for chardev and netdev ids
+    index: int  # among the VM's devices of this class, from 0
+    options: dict[str, str] = field(default_factory=dict)  # per-VM choices, e.g. "mac"
+
+
 @dataclass(frozen=True)
 class Attribute:
     """An admin attribute: a file under devices/NAME/ that root may write.
@@ -90,33 +148,6 @@ class Attribute:
     live: bool = False
 
 
-class Session:
-    """One client connection's view of a device (one vhost-user connection).
-
-    The vhost-user layer calls these; subclasses implement the device's behaviour.
-    """
-
-    #: virtio feature bits the device offers (without transport bits the layer adds).
-    device_features: int = 0
-    num_queues: int = 1
-    max_queue_size: int = 1024
-
-    def call(self, func: str, data: bytes) -> bytes:
-        """Synchronous control: "get_config" (data = 8-byte offset+size), "set_config",
-        "set_features" (data = 8-byte little-endian feature word)."""
-        raise NotImplementedError
-
-    def shm(self, index: int, queue: Any) -> None:
-        """Ring `index` was registered and started; `queue` is its device-side virtqueue."""
-
-    def process(self, index: int, queue: Any) -> int:
-        """Service ring `index`: complete what is available; return the number of requests."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """The connection ended."""
-
-
 class Device:
     """Base of every device class: named attributes plus runtime counters."""
 
@@ -126,6 +157,17 @@ class Device:
     #: True: the gate hands each admitted connection to `adopt()` (the device serves it
     #: elsewhere, e.g. in its own process) instead of serving `open()`'s session itself.
     adopts_connections: ClassVar[bool] = False
+    #: The virtio device id the guest sees (virtio spec, "Device Types").
+    virtio_id: ClassVar[int] = 0
+    #: The driver a host process uses (`alacrity.client`), as "module:Class"; "" for none.
+    client_driver: ClassVar[str] = ""
+    #: True if a VM gets a NIC from it (then `alacrity vm run --ip` configures eth0).
+    gives_nic: ClassVar[bool] = False
+
+    @classmethod
+    def qemu_args(cls, slot: Slot) -> list[str]:
+        """QEMU's arguments that attach this device to a VM ([] : VMs do not attach it)."""
+        return []
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -178,7 +220,9 @@ class Device:
 
     def views(self) -> dict[str, str | dict[str, str]]:
         """Read-only views beyond `state()`: a name maps to a file's text, or to a
-        directory of file texts (e.g. a switch's ports/)."""
+        directory of file texts (e.g. a switch's ports/). A directory's file may also be
+        bytes, or a callable returning text or bytes, called when the file is opened
+        (a console's log)."""
         return {}
 
     def count(self, name: str, amount: int = 1) -> None:
@@ -189,6 +233,13 @@ class Device:
         with self.lock:
             self.counters["errors"] += 1
             self.last_error = reason
+
+    def refusal(self, peer_pid: int) -> str | None:
+        """Why `open()` (or `adopt()`) would refuse `peer_pid` or a child of it right now,
+        in one line that says what to do; None if it would not. From the device's state
+        only (no files, no waiting): the gate asks this for `alacrity vm run` before QEMU
+        starts."""
+        return None
 
     def open(self, peer_pid: int) -> Session:
         """A client on one of the device's buses connected: make its session.

@@ -11,13 +11,23 @@ import ctypes
 import errno
 import logging
 import os
-import struct
 import threading
 from typing import Any
 
 from alacrity.devices import image
-from alacrity.devices.base import Attribute, Device, Session, parse_bool, parse_size, parse_text
+from alacrity.devices.base import (
+    Attribute,
+    Device,
+    Slot,
+    chardev_socket,
+    holder,
+    parse_bool,
+    parse_size,
+    parse_text,
+    qemu_device,
+)
 from alacrity.errors import AdminError, busy, invalid
+from alacrity.vhost_user.session import Session
 from alacrity.virtio import blk as vb
 from alacrity.virtio.device_queue import Chain, DeviceQueue
 from alacrity.virtio.features import bit
@@ -90,6 +100,13 @@ class BlkDevice(Device):
         Attribute("shared", parse_bool, "0", "1: several clients may write at once"),
         Attribute("serial", parse_text(20), "", "ID string returned by GET_ID (default: name)"),
     )
+    virtio_id = 2
+    client_driver = "alacrity.client.blk:BlkClient"
+
+    @classmethod
+    def qemu_args(cls, slot: Slot) -> list[str]:
+        return [*chardev_socket(slot.id, slot.socket),
+                *qemu_device("vhost-user-blk", slot.transport, chardev=slot.id, num_queues=1)]
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
@@ -112,20 +129,26 @@ class BlkDevice(Device):
         if name == "size" and value <= 0:
             raise invalid(f"{self.name}/size must be positive")
 
-    def open(self, peer_pid: int) -> Session:
-        if not self.values["path"]:
-            raise invalid(
-                f"device {self.name} has no path: echo /path/to/disk.img > devices/{self.name}/path"
-            )
+    def refusal(self, peer_pid: int) -> str | None:
         with self.lock:
+            return self._refusal(peer_pid)
+
+    def _refusal(self, peer_pid: int) -> str | None:
+        if not self.values["path"]:
+            return f"disk {self.name} has no path: echo /path/to/disk.img > devices/{self.name}/path"
+        if not self.values["readonly"] and not self.values["shared"]:
+            others = [pid for pid in self.sessions.values() if pid != peer_pid]
+            if others:
+                return (f"disk {self.name} is in use by {holder(others[0])}: give each VM its own disk "
+                        f"on its own bus, or set devices/{self.name}/shared to 1")
+        return None
+
+    def open(self, peer_pid: int) -> Session:
+        with self.lock:
+            why = self._refusal(peer_pid)
+            if why is not None:
+                raise (invalid if not self.values["path"] else busy)(why)
             writable = not self.values["readonly"]
-            if writable and not self.values["shared"]:
-                others = [pid for pid in self.sessions.values() if pid != peer_pid]
-                if others:
-                    raise busy(
-                        f"disk {self.name} is already open for writing by pid {others[0]}"
-                        " (set shared to 1 to allow several writers)"
-                    )
             session = BlkSession(self, self._open_image(writable), peer_pid)
             self.sessions[session] = peer_pid
             self.counters["connections"] = len(self.sessions)
@@ -165,13 +188,9 @@ class BlkSession(Session):
     def __hash__(self) -> int:
         return id(self)
 
-    # -- call(): control
-    def call(self, func: str, data: bytes) -> bytes:
-        if func == "get_config":
-            offset, size = struct.unpack("<II", data)
-            return self._config()[offset : offset + size]
-        # set_features needs nothing; set_config (the writeback byte) is not offered.
-        return b""
+    # -- control: set_features needs nothing; set_config (the writeback byte) is not offered.
+    def get_config(self, offset: int, size: int) -> bytes:
+        return self._config()[offset : offset + size]
 
     def _config(self) -> bytes:
         limit = 1 << 22  # sectors per discard / write-zeroes request (2 GiB)
@@ -198,7 +217,7 @@ class BlkSession(Session):
             0,
         )
 
-    # -- shm(): rings
+    # -- rings
     def process(self, index: int, queue: DeviceQueue) -> int:
         done = 0
         while done < queue.size:

@@ -183,9 +183,15 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def _require_regular(path: str, mode: int) -> None:
-    if not stat.S_ISREG(mode):
-        raise invalid(f"image {path} is {_kind(mode)}: an image must be a regular file")
+def _require_regular(path: str, st: os.stat_result) -> None:
+    """A regular file with one name. A second hard link is another path to the same data,
+    which O_NOFOLLOW cannot see: a user who can write the image's directory could link a
+    file of theirs, or anyone's on that filesystem, into the guest's disk."""
+    if not stat.S_ISREG(st.st_mode):
+        raise invalid(f"image {path} is {_kind(st.st_mode)}: an image must be a regular file")
+    if st.st_nlink > 1:
+        raise invalid(f"image {path} has {st.st_nlink} hard links: an image must have one name "
+                      "(copy it, or remove the other links)")
 
 
 def _probe_file(dir_fd: int, directory: str) -> int:
@@ -231,13 +237,13 @@ def inspect(path: str, size: int) -> None:
     dir_fd, directory, name = _directory(path)
     try:
         try:
-            mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             _check_fits(dir_fd, directory, size)
             return
         except OSError as exc:
             raise invalid(f"cannot look at image {path}: {exc.strerror}") from None
-        _require_regular(path, mode)
+        _require_regular(path, st)
     finally:
         os.close(dir_fd)
 
@@ -257,12 +263,12 @@ def _create(dir_fd: int, directory: str, name: str, size: int) -> int:
 
 def _open_existing(dir_fd: int, path: str, name: str, writable: bool) -> int:
     # Look before opening: opening some devices acts (a watchdog starts, a tape rewinds).
-    _require_regular(path, os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    _require_regular(path, os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
     # O_NONBLOCK: a fifo swapped in since must not hold the caller in open().
     flags = os.O_RDWR if writable else os.O_RDONLY
     fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        _require_regular(path, os.fstat(fd).st_mode)
+        _require_regular(path, os.fstat(fd))
     except AdminError:
         os.close(fd)
         raise

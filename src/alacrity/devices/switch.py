@@ -18,16 +18,16 @@ import os
 import queue
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
-from typing import IO, Any
+from typing import Any
 
 from alacrity import ids
-from alacrity.devices.base import Attribute, Device, parse_text
+from alacrity.devices.base import Attribute, Device, Slot, chardev_socket, parse_text, qemu_device
 from alacrity.errors import AdminError
-from alacrity.switch.control import DEFAULT_PREFIX, Control
+from alacrity.switch.control import DEFAULT_PREFIX
+from alacrity.switch.launcher import SwitchProcess
+from alacrity.virtio.net import check_mac, local_mac
 
 log = logging.getLogger("alacrity.devices.switch")
 
@@ -72,51 +72,6 @@ def _parse_seconds(text: str) -> float:
     return value
 
 
-class SwitchProcess:
-    """One running `python -m alacrity.switch`, reached over a socketpair, as a uid of
-    its own leased from the daemon's id range (`alacrity.ids`)."""
-
-    def __init__(self, name: str, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
-                 ageing_s: float = 300.0, offloads: bool = True, log_file: IO[bytes] | None = None,
-                 timeout: float = 5.0) -> None:
-        self.id_range = ids.unprivileged
-        self.uid: int | None = self.id_range.lease()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-m", "alacrity.switch", "--control-fd", str(theirs.fileno()),
-                "--uid", str(self.uid), "--mtu", str(mtu), "--mac-prefix", mac_prefix,
-                "--ageing", str(ageing_s), "--offloads" if offloads else "--no-offloads"]
-        try:
-            # Without `log_file`, its log lines go where the daemon's go.
-            self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                         stdout=log_file, stderr=log_file)
-        except BaseException:
-            self.release_id()
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self.control = Control(ours, timeout=timeout)
-        self.started = time.monotonic()
-        log.info("switch %s: process %d started as uid %d", name, self.proc.pid, self.uid)
-
-    def release_id(self) -> None:
-        """Give the uid back; only once the process is gone."""
-        if self.uid is not None:
-            self.id_range.release(self.uid)
-            self.uid = None
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError, RuntimeError, ValueError):
-            self.control.request({"op": "quit"})
-        self.control.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.release_id()
-
-
 class SwitchDevice(Device):
     class_name = "switch"
     summary = (
@@ -134,6 +89,19 @@ class SwitchDevice(Device):
         Attribute("learning_ageing_s", _parse_seconds, "300", "seconds a learned MAC address is kept",
                   live=True),
     )
+    virtio_id = 1
+    client_driver = "alacrity.client.net:NetClient"
+    gives_nic = True
+
+    @classmethod
+    def qemu_args(cls, slot: Slot) -> list[str]:
+        """A virtio-net NIC whose backend is a new port. Its MAC: the VM's --mac for this
+        NIC, else one derived from the VM's and the switch's names (stable across runs)."""
+        mac = check_mac(slot.options.get("mac") or local_mac(f"{slot.vm}/{slot.device}"))
+        return [*chardev_socket(slot.id, slot.socket),
+                "-netdev", f"vhost-user,id={slot.id},chardev={slot.id}",
+                # vectors=0 (PCI only): QEMU 7.2 under TCG crashes with MSI-X on vhost-user net.
+                *qemu_device("virtio-net", slot.transport, netdev=slot.id, mac=mac, vectors=0)]
 
     def __init__(self, name: str) -> None:
         super().__init__(name)

@@ -16,9 +16,9 @@ import signal
 import socket
 import sys
 
-from alacrity.switch.engine import ENGINE_ENV, ENGINE_KINDS
+from alacrity.switch.engines import ENGINE_ENV, ENGINE_KINDS
 from alacrity.switch.process import DEFAULT_PREFIX, POLL_BUDGET_S, Switch
-from alacrity.vhost_user import eventfd
+from alacrity.vhost_user import eventfd, sigbus
 
 log = logging.getLogger("alacrity.switch")
 _PR_SET_NO_NEW_PRIVS = 38
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                         offloads=args.offloads, poll_budget_s=args.poll_us * 1e-6, engine=args.engine)
     except ValueError as exc:
         parser.error(str(exc))
+    sigbus.install()  # before dropping privileges: the build cache may be root's
     drop_privileges(args.user, args.uid)
     log.info("serving as uid %d", os.getuid())
 

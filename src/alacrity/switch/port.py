@@ -10,13 +10,12 @@ import contextlib
 import logging
 import os
 import socket
-import struct
-from typing import Any
 
-from alacrity.devices.base import Session
 from alacrity.vhost_user.backend import Action, Backend
+from alacrity.vhost_user.connection import signal_error
 from alacrity.vhost_user.eventfd import drain, notify
-from alacrity.vhost_user.messages import MAX_FDS, Framer, ProtocolError
+from alacrity.vhost_user.messages import MAX_FDS, ProtocolError
+from alacrity.vhost_user.session import Session
 from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import DeviceQueue
 from alacrity.virtio.features import bit, has
@@ -107,17 +106,14 @@ class NetSession(Session):
         )
         self.features = 0
 
-    def call(self, func: str, data: bytes) -> bytes:
-        if func == "get_config":
-            offset, size = struct.unpack("<II", data)
-            return vn.pack_config(self.mac, mtu=self.mtu)[offset : offset + size]
-        if func == "set_features":
-            self.features = struct.unpack("<Q", data)[0]
-        # set_config (a MAC write by a legacy driver) is ignored: the switch assigns MACs.
-        return b""
+    def set_features(self, features: int) -> None:
+        self.features = features
 
-    def process(self, index: int, queue: Any) -> int:
-        raise NotImplementedError("the switch engine services net rings")
+    def get_config(self, offset: int, size: int) -> bytes:
+        return vn.pack_config(self.mac, mtu=self.mtu)[offset : offset + size]
+
+    # set_config (a MAC write by a legacy driver) is ignored: the switch assigns MACs.
+    # The rings are serviced by the switch's engine, not through process().
 
 
 _FD_ARRAY = array.array("i")
@@ -149,7 +145,6 @@ class VhostPort(Port):
         self.sock = sock
         self.session = NetSession(mac, mtu, offloads=offloads)
         self.backend = Backend(self.session)
-        self.framer = Framer()
         self.closed = False
         self.changed = True  # the fds the main loop must poll changed
 
@@ -168,22 +163,18 @@ class VhostPort(Port):
 
     def service_socket(self, max_messages: int = 64) -> bool:
         """Read what the peer sent; False when the peer closed the connection."""
+        backend = self.backend
         for _ in range(max_messages):
             try:
-                data, fds = recv_fds_nowait(self.sock, self.framer.pending())
+                data, fds = recv_fds_nowait(self.sock, backend.framer.pending())
             except BlockingIOError:
                 return True
             if not data:
                 for fd in fds:
                     os.close(fd)
                 return False
-            for msg in self.framer.feed(data, fds):
-                try:
-                    reply = self.backend.handle(msg)
-                finally:
-                    for fd in msg.fds:
-                        os.close(fd)
-                    actions, self.backend.actions = self.backend.actions, []
+            for msg in backend.feed(data, fds):
+                reply, actions = backend.step(msg)
                 self._apply(actions)
                 if reply is not None:
                     self.sock.sendall(reply)
@@ -213,20 +204,16 @@ class VhostPort(Port):
     def fail(self, reason: str) -> None:
         """Tell the driver (the ring's err eventfd) before the connection closes."""
         self.broken = self.broken or reason
-        for vring in self.backend.vrings:
-            if vring.err is not None:
-                with contextlib.suppress(OSError):
-                    notify(vring.err)
+        signal_error(self.backend)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         self.rx = self.tx = None
-        for fd in self.backend.close() + self.framer.fds:
+        for fd in self.backend.close():
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.framer.fds = []
         self.sock.close()
 
 

@@ -31,7 +31,8 @@ import socket
 import time
 
 from alacrity.switch.control import DEFAULT_PREFIX, Control
-from alacrity.switch.engine import BATCH, make_engine
+from alacrity.switch.engine import BATCH
+from alacrity.switch.engines import make_engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import VhostPort
 from alacrity.switch.tap import TapPort
@@ -161,14 +162,21 @@ class Switch:
             last_work = clock()  # poll a while after every wake-up
 
     def _arm(self) -> bool:
-        """Ask every TX ring for a kick; True if work arrived meanwhile (do not sleep)."""
+        """Ask every TX ring for a kick; True if work arrived meanwhile (do not sleep). The
+        re-check reads the peer's avail index again: a bad one breaks that port, here too."""
         pending = False
+        broken: list[tuple[VhostPort, str]] = []
         for port in self.ports.values():
-            if port.tx is not None and port.tx.enable_notify():
-                pending = True
-        if pending:
+            try:
+                if port.tx is not None and port.tx.enable_notify():
+                    pending = True
+            except QueueError as exc:
+                broken.append((port, f"TX: {exc}"))
+        for port, reason in broken:
+            self.remove_port(port, reason, fault=True)
+        if pending or broken:
             self._disarm()
-        return pending
+        return pending or bool(broken)
 
     def _disarm(self) -> None:
         for port in self.ports.values():

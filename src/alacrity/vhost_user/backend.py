@@ -1,21 +1,19 @@
 """The vhost-user backend protocol for one connection, as a state machine.
 
-`Backend.handle(message)` validates the message, updates the state and returns
-the reply bytes (or None). Ring starts and stops are left in `actions` for the
-connection edge, which owns the threads and sockets. Device behaviour comes
-from the `Session` (devices/base.py): `call()` for control, `shm()` and
-`process()` for rings.
+Bytes and fds in, replies and actions out: an edge (a daemon connection, or a switch
+port) feeds what it received to `Backend.feed`, and passes each whole message to
+`Backend.step`, which validates it, updates the state and returns the reply bytes (or
+None) and the ring starts and stops for the edge, which owns the threads and sockets.
+Device behaviour comes from the `Session` (session.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from alacrity.devices.base import Session
 from alacrity.vhost_user.memory import MemoryTable
 from alacrity.vhost_user.messages import (
     CONFIG_HEADER,
@@ -28,6 +26,7 @@ from alacrity.vhost_user.messages import (
     VRING_INDEX_MASK,
     VRING_NOFD_MASK,
     VRING_STATE,
+    Framer,
     Message,
     ProtocolError,
     ProtocolFeature,
@@ -35,6 +34,7 @@ from alacrity.vhost_user.messages import (
     encode,
     unpack_exact,
 )
+from alacrity.vhost_user.session import Session
 from alacrity.virtio.device_queue import DeviceQueue
 from alacrity.virtio.features import F_VERSION_1, RING_F_EVENT_IDX, RING_F_INDIRECT_DESC, bit, has
 from alacrity.virtio.ring import (
@@ -126,6 +126,24 @@ class Backend:
         self.memory: MemoryTable | None = None
         self.vrings = [Vring(i) for i in range(session.num_queues)]
         self.actions: list[Action] = []
+        self.framer = Framer()
+
+    # -- the receive step, shared by every edge
+    def feed(self, data: bytes, fds: list[int]) -> list[Message]:
+        """Bytes and fds as received; the whole messages they complete."""
+        return self.framer.feed(data, fds)
+
+    def step(self, msg: Message) -> tuple[bytes | None, list[Action]]:
+        """Handle one message: (reply to send, actions to apply before sending it). Fds the
+        message carried but did not need are closed. ProtocolError: break the connection."""
+        try:
+            reply = self.handle(msg)
+        finally:
+            for fd in msg.fds:
+                os.close(fd)
+            msg.fds = []
+        actions, self.actions = self.actions, []
+        return reply, actions
 
     # -- helpers
     @property
@@ -195,7 +213,7 @@ class Backend:
         if features & ~self.offered_features:
             raise ProtocolError(f"features {features & ~self.offered_features:#x} were not offered")
         self.features = features
-        self.session.call("set_features", U64.pack(features))
+        self.session.set_features(features)
 
     def _get_protocol_features(self, msg: Message) -> bytes:
         return U64.pack(PROTOCOL_FEATURES)
@@ -319,7 +337,7 @@ class Backend:
         offset, size, flags = unpack_exact(CONFIG_HEADER, msg.payload, msg.request)
         if size > MAX_CONFIG or offset > MAX_CONFIG:
             raise ProtocolError(f"config read of {size} bytes at {offset}")
-        data = self.session.call("get_config", struct.pack("<II", offset, size))
+        data = self.session.get_config(offset, size)
         return CONFIG_HEADER.pack(offset, size, flags) + data[:size].ljust(size, b"\0")
 
     def _set_config(self, msg: Message) -> None:
@@ -327,7 +345,7 @@ class Backend:
         data = msg.payload[CONFIG_HEADER.size : CONFIG_HEADER.size + size]
         if size > MAX_CONFIG or len(data) != size:
             raise ProtocolError(f"config write of {size} bytes with {len(data)} given")
-        self.session.call("set_config", struct.pack("<I", offset) + data)
+        self.session.set_config(offset, data)
 
     # -- ring life cycle
     def _protocol_negotiated(self) -> bool:
@@ -357,17 +375,19 @@ class Backend:
         if self.memory is None or vring.addrs is None or not vring.num:
             raise ProtocolError(f"ring {vring.index} started before memory, size and addresses")
         vring.queue = self._make_queue(vring, vring.base)
-        self.session.shm(vring.index, vring.queue)
+        self.session.start(vring.index, vring.queue)
         self.actions.append(Action("start", vring.index))
 
     def _stop(self, vring: Vring) -> None:
         if vring.queue is not None:
             vring.queue = None
             self.actions.append(Action("stop", vring.index))
+            self.session.stop(vring.index)
 
     def close(self) -> list[int]:
         """The connection ended: every fd still held, for the edge to close."""
-        fds = []
+        fds = [fd for action in self.actions for fd in action.closing] + self.framer.fds
+        self.actions, self.framer.fds = [], []
         for vring in self.vrings:
             self._stop(vring)
             fds += [fd for fd in (vring.kick, vring.call, vring.err) if fd is not None]

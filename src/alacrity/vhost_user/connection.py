@@ -16,16 +16,24 @@ import threading
 import time
 from collections.abc import Callable
 
-from alacrity.devices.base import Session
 from alacrity.vhost_user.backend import Action, Backend
 from alacrity.vhost_user.eventfd import drain, notify
-from alacrity.vhost_user.messages import MAX_FDS, Framer, ProtocolError
+from alacrity.vhost_user.messages import MAX_FDS, ProtocolError
+from alacrity.vhost_user.session import Session
 from alacrity.virtio.ring import QueueError
 
 log = logging.getLogger("alacrity.vhost_user")
 
 #: How long a ring worker keeps polling after its last request before it sleeps.
 POLL_BUDGET_S = 50e-6
+
+
+def signal_error(backend: Backend) -> None:
+    """Tell the driver, through each ring's err eventfd, that its device broke."""
+    for vring in backend.vrings:
+        if vring.err is not None:
+            with contextlib.suppress(OSError):
+                notify(vring.err)
 
 
 class Connection:
@@ -52,23 +60,18 @@ class Connection:
         self.calls = 0
 
     def serve(self) -> None:
-        framer = Framer()
+        backend = self.backend
         try:
             while True:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, framer.pending(), MAX_FDS)
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, backend.framer.pending(), MAX_FDS)
                 if not data:
                     for fd in fds:
                         os.close(fd)
                     log.info("%s: peer closed the connection", self.label)
                     return
-                for msg in framer.feed(data, fds):
+                for msg in backend.feed(data, fds):
                     with self.lock:
-                        try:
-                            reply = self.backend.handle(msg)
-                        finally:
-                            for fd in msg.fds:  # fds a message carried but did not need
-                                os.close(fd)
-                            actions, self.backend.actions = self.backend.actions, []
+                        reply, actions = backend.step(msg)
                     self._apply(actions)
                     if reply is not None:
                         self.sock.sendall(reply)
@@ -78,8 +81,6 @@ class Connection:
             if not self.closed.is_set():
                 log.info("%s: connection lost: %s", self.label, exc)
         finally:
-            for fd in framer.fds:  # sent with a message that never completed
-                os.close(fd)
             self.close()
 
     def _apply(self, actions: list[Action]) -> None:
@@ -103,10 +104,7 @@ class Connection:
         """Break this connection (and only it), with a logged reason."""
         log.warning("%s: closing connection: %s", self.label, reason)
         self.on_error(reason)
-        for vring in self.backend.vrings:
-            if vring.err is not None:
-                with contextlib.suppress(OSError):
-                    notify(vring.err)
+        signal_error(self.backend)
         self.shutdown()
 
     def shutdown(self) -> None:

@@ -87,6 +87,11 @@ def _ignore(signum: int, frame: object) -> None:
     """The interruption is the point; there is nothing to do."""
 
 
+# Modules are imported from the main thread as a rule, and the first notify may come from
+# any thread: take the handler now, while we can.
+install_handler()
+
+
 def notify(eventfd: int) -> None:
     """Add one to a peer's eventfd, never waiting for the peer.
 

@@ -22,6 +22,7 @@ from alacrity.virtio.ring import (
     UsedRing,
     avail_ring_size,
     desc_table_size,
+    fence,
     need_event,
     used_ring_size,
     valid_size,
@@ -33,6 +34,13 @@ class Memory(Protocol):
         """The guest-physical range as a view; raises AddressError if not wholly mapped."""
         ...
 
+    # Optional: `damaged() -> bool`, True once pages of the memory vanished under us (the
+    # peer truncated their file: vhost_user/memory.py); the queue then fails.
+
+
+def _intact() -> bool:
+    return False
+
 
 @dataclass
 class Chain:
@@ -41,9 +49,6 @@ class Chain:
     head: int
     readable: list[memoryview] = field(default_factory=list)
     writable: list[memoryview] = field(default_factory=list)
-
-    def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
 
     def writable_len(self) -> int:
         return sum(len(v) for v in self.writable)
@@ -73,6 +78,7 @@ class DeviceQueue:
         ):
             raise QueueError("ring areas are smaller than the queue size needs")
         self.memory = memory
+        self.damaged = getattr(memory, "damaged", _intact)
         self.size = size
         self.desc = desc
         self.avail = avail
@@ -93,6 +99,8 @@ class DeviceQueue:
         return self.avail_ring.idx
 
     def pending(self) -> int:
+        if self.damaged():
+            raise QueueError("guest memory was truncated under us")
         pending = (self.avail_idx() - self.last_avail) & 0xFFFF
         if pending > self.size:
             raise QueueError(f"avail index jumped by {pending} on a queue of {self.size}")
@@ -173,6 +181,7 @@ class DeviceQueue:
         if self.used_idx == self.signalled_used:
             return False
         old, self.signalled_used = self.signalled_used, self.used_idx
+        fence()  # the used index we wrote must be visible before we read their event index
         if self.event_idx:
             used_event = self.avail_ring.used_event
             return need_event(used_event, self.used_idx, old)
@@ -193,4 +202,5 @@ class DeviceQueue:
             self.used_ring.avail_event = self.last_avail
         else:
             self.used_ring.flags = 0
+        fence()
         return self.pending() > 0

@@ -4,6 +4,8 @@ the switch validates fields against the frame before it acts on them."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 from dataclasses import dataclass
 
@@ -109,3 +111,27 @@ def parse_mac(text: str) -> bytes:
         return bytes(int(p, 16) for p in parts)
     except ValueError:
         raise ValueError(f"not a MAC address: {text!r}") from None
+
+
+def check_mac(text: str) -> str:
+    """`text` as a lowercase xx:xx:xx:xx:xx:xx unicast MAC address, else ValueError."""
+    parts = text.strip().split(":")
+    try:
+        if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+            raise ValueError
+        octets = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"not a MAC address: {text!r} (use xx:xx:xx:xx:xx:xx)") from None
+    if octets[0] & 1:
+        raise ValueError(f"{text!r} is a multicast address; a NIC needs a unicast one")
+    if octets == bytes(6):
+        raise ValueError("00:00:00:00:00:00 is not a usable MAC address")
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def local_mac(seed: str | None = None) -> str:
+    """A locally administered unicast MAC: derived from `seed` (stable, e.g. "VMNAME/0"),
+    or random without one."""
+    raw = bytearray(hashlib.sha256(seed.encode()).digest()[:6] if seed is not None else os.urandom(6))
+    raw[0] = (raw[0] & 0xFC) | 0x02  # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in raw)

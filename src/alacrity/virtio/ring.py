@@ -6,6 +6,7 @@ Shared by the device side (`device_queue.py`) and the driver side (`driver_queue
 from __future__ import annotations
 
 import struct
+import threading
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 DESC_SIZE = DESC.size
@@ -42,6 +43,18 @@ def used_ring_size(num: int) -> int:
 
 def valid_size(num: int) -> bool:
     return 0 < num <= MAX_QUEUE_SIZE and num & (num - 1) == 0
+
+
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier: stores before it are visible to the other side before loads
+    after it read. x86 may let a load pass an earlier store, and the ring's notification
+    protocol (write our event index, then read theirs) loses wakeups if it does. Python has
+    no fence of its own; taking a lock is a locked (hence fencing) instruction."""
+    _fence_lock.acquire()
+    _fence_lock.release()
 
 
 def need_event(event: int, new: int, old: int) -> bool:

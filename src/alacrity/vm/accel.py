@@ -49,8 +49,3 @@ def choose_accel(dev: str = "/dev/kvm", sys_module: str = "/sys/module") -> Acce
             "stock guest; set ALACRITY_ACCEL=kvm to override",
         )
     return AccelChoice("kvm", f"{dev} usable (API {version})")
-
-
-def accel_name() -> str:
-    """Just "kvm" or "tcg"."""
-    return choose_accel().accel

@@ -62,8 +62,9 @@ def pump_stream(stream: BinaryIO, scanner: ConsoleScanner,
 
 
 def follow_file(path: Path, scanner: ConsoleScanner, alive: Callable[[], bool],
-                interval: float = 0.05) -> threading.Thread:
-    """Tail a console log that QEMU writes itself, until QEMU has exited."""
+                echo: Callable[[bytes], None] | None = None, interval: float = 0.05) -> threading.Thread:
+    """Tail a console log that QEMU writes itself, until QEMU has exited; each new chunk
+    also goes to `echo` if given."""
 
     def run() -> None:
         pos = 0
@@ -78,6 +79,8 @@ def follow_file(path: Path, scanner: ConsoleScanner, alive: Callable[[], bool],
                     chunk = b""
                 if chunk:
                     pos += len(chunk)
+                    if echo is not None:
+                        echo(chunk)
                     scanner.feed(chunk)
                 elif not running:
                     return

@@ -10,10 +10,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-# Drivers the guest needs for vhost-user and built-in virtio devices; af_packet is for
-# the networking tools, and is usually built in; button and evdev let acpid turn QMP's
-# system_powerdown into a clean poweroff.
-WANTED = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "af_packet", "button",
+# Drivers the guest needs for vhost-user and built-in virtio devices (virtio_rng: /dev/hwrng,
+# for the rng class); af_packet is for the networking tools, and is usually built in; button
+# and evdev let acpid turn QMP's system_powerdown into a clean poweroff.
+WANTED = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "af_packet", "button",
           "evdev")
 REQUIRED = ("virtio_pci", "virtio_blk", "virtio_net")
 

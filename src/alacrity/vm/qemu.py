@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import hashlib
 import ipaddress
 import os
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from .accel import AccelChoice, choose_accel
 from .console import ConsoleScanner, follow_file, pump_stream
-from .machine import DEFAULT_MACHINE, machine, virtio_device
+from .machine import DEFAULT_MACHINE, machine
 from .runtime import (
     VmError,
     VmRecord,
@@ -41,15 +40,6 @@ MAX_CMD_B64 = 1500
 NIC_INIT_ATTEMPTS = 5
 
 
-@dataclass(frozen=True)
-class NetAttachment:
-    """One NIC: QEMU connects to `socket` (a vhost-user-net backend: a switch port) as
-    the vhost-user client; the guest driver sees `mac`."""
-
-    socket: str | Path
-    mac: str  # xx:xx:xx:xx:xx:xx, unicast
-
-
 @dataclass
 class VmSpec:
     name: str
@@ -60,11 +50,14 @@ class VmSpec:
     cmd: str | None = None  # run by /init with `sh -c`; None gives an interactive shell
     append: str = ""  # extra kernel command line
     accel: str | None = None  # "kvm"/"tcg"; None lets choose_accel() decide
-    console: str | Path = "stdio"  # "stdio" (teed to our stdout) or a log file path
+    # "stdio" (teed to our stdout) or a log file path. When a device takes the serial port
+    # (a bus's console device), QEMU still keeps a log of it: this path, or console.log in
+    # the run directory for "stdio" (then echoed to our stdout).
+    console: str | Path = "stdio"
     machine: str = DEFAULT_MACHINE
-    vhost_user_blk: list[str | Path] = field(default_factory=list)  # socket paths
-    nics: list[NetAttachment] = field(default_factory=list)  # eth0, eth1, ... in this order
-    extra_devices: list[list[str]] = field(default_factory=list)  # raw QEMU args
+    # QEMU arguments of each device: a bus's (from its class's `qemu_args`), or raw ones.
+    # NICs become eth0, eth1, ... in this order.
+    devices: list[list[str]] = field(default_factory=list)
     ip: str | None = None  # ADDR/PREFIX for eth0
     gw: str | None = None
     run_dir: Path | None = None  # default: runtime_root() / name
@@ -73,30 +66,6 @@ class VmSpec:
 def _opt(value: str | Path) -> str:
     """A value inside a QEMU option string, where a comma must be doubled."""
     return str(value).replace(",", ",,")
-
-
-def check_mac(text: str) -> str:
-    """`text` as a lowercase xx:xx:xx:xx:xx:xx unicast MAC address, else ValueError."""
-    parts = text.strip().split(":")
-    try:
-        if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-            raise ValueError
-        octets = bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"not a MAC address: {text!r} (use xx:xx:xx:xx:xx:xx)") from None
-    if octets[0] & 1:
-        raise ValueError(f"{text!r} is a multicast address; a NIC needs a unicast one")
-    if octets == bytes(6):
-        raise ValueError("00:00:00:00:00:00 is not a usable MAC address")
-    return ":".join(f"{b:02x}" for b in octets)
-
-
-def local_mac(seed: str | None = None) -> str:
-    """A locally administered unicast MAC: derived from `seed` (stable, e.g. "VMNAME/0"),
-    or random without one."""
-    raw = bytearray(hashlib.sha256(seed.encode()).digest()[:6] if seed is not None else os.urandom(6))
-    raw[0] = (raw[0] & 0xFC) | 0x02  # unicast, locally administered
-    return ":".join(f"{b:02x}" for b in raw)
 
 
 def check_network(ip: str | None, gw: str | None) -> None:
@@ -155,29 +124,56 @@ def build_command(spec: VmSpec, run_dir: Path, accel: AccelChoice) -> list[str]:
     ]
     for g in m.globals_:
         args += ["-global", g]
+    serial = serial_chardev(spec.devices)
+    if serial is not None:
+        # A device has the serial port (a bus's console device): QEMU keeps a log of that
+        # chardev too, which we scan for the ready and exit lines. QEMU writes it even
+        # while the socket is down (a daemon restart), so it misses nothing.
+        log = console_log(spec, run_dir)
+        for extra in spec.devices:
+            args += _with_logfile(extra, serial, log)
+        return args
     if spec.console == "stdio":
         # signal=off: Ctrl-C goes to the guest shell, not to QEMU.
         args += ["-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con"]
     else:
         args += ["-chardev", f"file,id=con,path={_opt(spec.console)}", "-serial", "chardev:con"]
-    for i, sock in enumerate(spec.vhost_user_blk):
-        args += ["-chardev", f"socket,id=vu{i},path={_opt(sock)},reconnect=1"]
-        args += virtio_device("vhost-user-blk", spec.machine, chardev=f"vu{i}", num_queues=1)
-    for i, nic in enumerate(spec.nics):
-        try:
-            mac = check_mac(nic.mac)
-        except ValueError as exc:
-            raise VmError(str(exc)) from None
-        # QEMU connects before the guest starts and waits for the backend's answers;
-        # reconnect=1 only matters if the socket is absent (then QEMU retries every
-        # second) or the backend restarts.
-        args += ["-chardev", f"socket,id=net{i},path={_opt(nic.socket)},reconnect=1",
-                 "-netdev", f"vhost-user,id=n{i},chardev=net{i}"]
-        # vectors=0 (PCI only): QEMU 7.2 under TCG crashes with MSI-X on vhost-user net.
-        args += virtio_device("virtio-net", spec.machine, netdev=f"n{i}", mac=mac, vectors=0)
-    for extra in spec.extra_devices:
+    for extra in spec.devices:
         args += extra
     return args
+
+
+def serial_chardev(devices: list[list[str]]) -> str | None:
+    """The chardev id to which a device's arguments connect the serial port
+    (`-serial chardev:ID`, as a bus's console device does), or None."""
+    for extra in devices:
+        for option, value in zip(extra, extra[1:], strict=False):
+            if option == "-serial" and value.startswith("chardev:"):
+                return value.removeprefix("chardev:")
+    return None
+
+
+def console_log(spec: VmSpec, run_dir: Path) -> Path:
+    """Where the guest's console is logged when a device has the serial port."""
+    return run_dir / "console.log" if spec.console == "stdio" else Path(spec.console)
+
+
+def _with_logfile(extra: list[str], chardev: str, log: Path) -> list[str]:
+    """`extra` with `logfile=LOG,logappend=on` added to the -chardev whose id is `chardev`."""
+    out = list(extra)
+    for i, (option, value) in enumerate(zip(extra, extra[1:], strict=False)):
+        if option == "-chardev" and re.search(rf"(^|,)id={re.escape(chardev)}(,|$)", value):
+            out[i + 1] = f"{value},logfile={_opt(log)},logappend=on"
+    return out
+
+
+def _chardev_path(args: list[str], ident: str) -> str | None:
+    """The socket path of chardev `ident` in a QEMU command line."""
+    for option in args:
+        m = re.match(rf"socket,id={re.escape(ident)},path=((?:[^,]|,,)*)", option)
+        if m:
+            return m.group(1).replace(",,", ",")
+    return None
 
 
 class VM:
@@ -206,10 +202,12 @@ class VM:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir.mkdir(parents=True, mode=0o700)
         cmd = self.command()
-        stdio = self.spec.console == "stdio"
+        on_bus = serial_chardev(self.spec.devices) is not None
+        stdio = self.spec.console == "stdio" and not on_bus
+        log = console_log(self.spec, self.run_dir)
         if not stdio:
             # A previous run's log would show a stale ready line.
-            Path(self.spec.console).unlink(missing_ok=True)
+            log.unlink(missing_ok=True)
         # Only an interactive guest shell reads our terminal.
         stdin = None if stdio and self.spec.cmd is None else subprocess.DEVNULL
         with open(self.run_dir / "qemu.log", "wb") as err:
@@ -218,14 +216,15 @@ class VM:
                                          start_new_session=True, preexec_fn=_die_with_parent)
         self.record = VmRecord(self.spec.name, self.proc.pid,
                                proc_start_time(self.proc.pid) or 0, str(self.qmp_path),
-                               time.time(), cmd, str(self.spec.console), str(self.run_dir))
+                               time.time(), cmd, "stdio" if stdio else str(log), str(self.run_dir))
         write_record(self.record)
         if stdio:
             assert self.proc.stdout is not None
             self._pump = pump_stream(self.proc.stdout, self.console, _echo)
         else:
-            self._pump = follow_file(Path(self.spec.console), self.console,
-                                     lambda: self.proc is not None and self.proc.poll() is None)
+            echo = _echo if self.spec.console == "stdio" else None  # a bus console, shown here too
+            self._pump = follow_file(log, self.console,
+                                     lambda: self.proc is not None and self.proc.poll() is None, echo)
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -282,8 +281,6 @@ class VM:
         """VmError if QEMU keeps failing to set up a vhost-user NIC. With reconnect=1 it
         retries at once and forever when the backend accepts and then closes (as the gate
         does for a refused peer), so the guest would never start and nothing would say why."""
-        if not self.spec.nics:
-            return
         try:
             with open(self.run_dir / "qemu.log", "rb") as f:
                 f.seek(self._log_offset)
@@ -296,9 +293,9 @@ class VM:
         failed = [line for line in lines if "failed to init vhost_net" in line]
         self._nic_failures += len(failed)
         if self._nic_failures >= NIC_INIT_ATTEMPTS:
-            m = re.search(r"vhost-user,id=n(\d+),", failed[-1]) if failed else None
-            nic = self.spec.nics[int(m.group(1))] if m and int(m.group(1)) < len(self.spec.nics) else None
-            what = f"the NIC on {nic.socket}" if nic else "a NIC"
+            m = re.search(r"vhost-user,id=([^,]+),", failed[-1]) if failed else None
+            socket = _chardev_path(self.command(), m.group(1)) if m else None
+            what = f"the NIC on {socket}" if socket else "a NIC"
             raise VmError(f"QEMU cannot set up {what}: the vhost-user backend closed the connection "
                           f"during setup, {self._nic_failures} times (a switch on a bus refuses "
                           f"non-members; see the daemon's log){self._diagnostics()}")
@@ -339,13 +336,3 @@ def _echo(chunk: bytes) -> None:
     else:
         sys.stdout.write(chunk.decode(errors="replace"))
         sys.stdout.flush()
-
-
-def run_command(spec: VmSpec, timeout: float = 300.0) -> int:
-    """Boot, run spec.cmd, and return its exit status; QEMU is always killed."""
-    vm = VM(spec).start()
-    try:
-        return vm.wait_exit(timeout)
-    finally:
-        vm.kill()
-

@@ -38,6 +38,7 @@ from alacrity.switch.native import NativeUnavailable, load
 from alacrity.switch.offload import PortFault
 from alacrity.switch.port import TX, Port
 from alacrity.switch.tap import TapPort
+from alacrity.vhost_user import sigbus
 from alacrity.virtio.device_queue import DeviceQueue
 from alacrity.virtio.net import mac_text
 from alacrity.virtio.ring import QueueError
@@ -154,6 +155,7 @@ class NativeEngine(Engine):
         self._slots: dict[int, _Slot] = {}
         self._order: list[_Slot] = []
         self._arrays: tuple = ()
+        self._faults_seen = 0
         self._rebuild()
 
     @property
@@ -340,10 +342,24 @@ class NativeEngine(Engine):
             self._refresh()
 
     # -- the loop body
+    def _break_damaged(self) -> None:
+        """The C path never asks a queue whether its memory is intact: after any SIGBUS the
+        guard repaired in this process, find the ports whose memory it was."""
+        faults = sigbus.total_faults()
+        if faults == self._faults_seen:
+            return
+        self._faults_seen = faults
+        for slot in self._order:
+            port = slot.port
+            queue = port.tx or port.rx
+            if queue is not None and port.broken is None and queue.damaged():
+                self._break(port, "guest memory was truncated under us")
+
     def poll_once(self) -> int:
         now = self.clock()
         c, lib = self._c, self._lib
         lib.sw_begin(c, now)
+        self._break_damaged()
         self._refresh()
         work = 0
         for slot in self._order:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from alacrity import ids
 from alacrity.admin.tree import mount
+from alacrity.bus import metrics
 from alacrity.bus.gate import Gate
 from alacrity.bus.model import Model
 from alacrity.devices.base import reserve_paths
-from alacrity.vhost_user import eventfd
+from alacrity.vhost_user import eventfd, sigbus
 
 log = logging.getLogger("alacrity.daemon")
 
@@ -27,6 +28,7 @@ class DaemonConfig:
     run_dir: Path = Path("/run/alacrityd")
     id_range: tuple[int, int] = (ids.DEFAULT_START, ids.DEFAULT_COUNT)
     admin_gid: int | None = None  # a group that may read the admin tree, besides root
+    metrics: tuple[str, ...] = ()  # --metrics: unix:PATH, HOST:PORT or off (bus/metrics.py)
 
     @property
     def database(self) -> Path:
@@ -46,6 +48,8 @@ class Daemon:
         self.model = Model(cfg.database)
         self.gate = Gate(self.model, cfg.run_dir)
         self.gate.start()
+        self.metrics = metrics.MetricsServer(self.gate.status, metrics.endpoints(cfg.metrics, cfg.run_dir))
+        self.metrics.start()
         self.admin = mount(self.model, str(cfg.mountpoint), admin_gid=cfg.admin_gid)
         # No image may be the daemon's own: its tree, its sockets, its database.
         db = str(cfg.database)
@@ -64,6 +68,7 @@ class Daemon:
             return
         self.stopped.set()
         self.admin.unmount()
+        self.metrics.stop()
         self.gate.stop()
         self.model.close()
         (self.config.run_dir / "alacrityd.pid").unlink(missing_ok=True)
@@ -78,6 +83,7 @@ class Daemon:
         # its SIGHUP handler would unmount the admin tree under a running daemon.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         eventfd.install_handler()
+        sigbus.install()  # a peer that truncates its memory must not kill us (vhost_user/sigbus.py)
         self.start()
         try:
             while not wake.wait(1.0):

@@ -1,0 +1,51 @@
+"""The device-session interface: what the vhost-user layer asks of a device.
+
+One `Session` serves one vhost-user connection. The backend state machine (backend.py)
+maps protocol messages onto these hooks; device classes (alacrity.devices) and the
+switch's ports implement them. The two verbs of a vbus device are here: `call` is the
+control hooks (features, config space), `shm` is a ring being started, serviced and
+stopped. Defined here, where it is called, so this layer never imports a device.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from alacrity.virtio.device_queue import DeviceQueue
+
+
+class Session:
+    """One connection's view of a device. Subclasses override what their device needs."""
+
+    #: virtio feature bits the device offers (the layer adds the transport's own).
+    device_features: int = 0
+    #: Rings the device has, and the largest size a driver may give each.
+    num_queues: ClassVar[int] = 1
+    max_queue_size: ClassVar[int] = 1024
+
+    # -- call: control
+    def set_features(self, features: int) -> None:
+        """The driver accepted `features` (a subset of what was offered, transport bits included)."""
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Bytes `offset..offset+size` of the config space; shorter is padded with zeros.
+        `offset` and `size` are bounded by the layer (at most 256)."""
+        return b""
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """The driver wrote `data` at `offset` of the config space; ignored unless overridden."""
+
+    # -- shm: rings
+    def start(self, index: int, queue: DeviceQueue) -> None:
+        """Ring `index` was registered and enabled; `queue` is its device side."""
+
+    def process(self, index: int, queue: DeviceQueue) -> int:
+        """Service ring `index`: complete what is available; return how many requests.
+        QueueError (a malformed ring) breaks the connection."""
+        return 0
+
+    def stop(self, index: int) -> None:
+        """Ring `index` stopped (its worker has gone or is going)."""
+
+    def close(self) -> None:
+        """The connection ended."""
