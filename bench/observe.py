@@ -63,17 +63,31 @@ def bus_of(name: str, disks: int) -> str:
 
 
 class Control:
-    """One kept control connection, as `alacrity top` keeps it."""
+    """One kept control connection, as `alacrity top` keeps it (made again after the
+    gate closed it for idling, as top does)."""
 
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(10)
-        self.sock.connect(path)
-        self.stream = self.sock.makefile("rb")
+        self.path = path
+        self.sock: socket.socket | None = None
 
-    def status(self) -> dict:
-        self.sock.sendall(b'{"op": "status"}\n')
-        reply = json.loads(self.stream.readline())
+    def status(self, retry: bool = True) -> dict:
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(10)
+            self.sock.connect(self.path)
+            self.stream = self.sock.makefile("rb")
+        try:
+            self.sock.sendall(b'{"op": "status"}\n')
+            line = self.stream.readline()
+            if not line:
+                raise ConnectionResetError("the gate closed the connection")
+        except OSError:
+            self.sock.close()
+            self.sock = None
+            if not retry:
+                raise
+            return self.status(retry=False)
+        reply = json.loads(line)
         if "status" not in reply:
             raise RuntimeError(f"status refused: {reply}")
         return reply["status"]

@@ -137,18 +137,20 @@ class Tmux:
     def keys(self, *keys: str) -> None:
         self.tmux("send-keys", "-t", "t", *keys)
 
-    def dead(self) -> int | None:
-        """The pane's exit status once its process has exited (and tmux has its status), else None."""
-        shown = self.tmux("display-message", "-p", "-t", "t", "#{pane_dead} #{pane_dead_status}")
-        dead, *status = shown.split()
-        return int(status[0]) if dead == "1" and status else None
+    def exited(self) -> bool:
+        """Whether the pane's process has exited (tmux does not always learn its status)."""
+        return self.tmux("display-message", "-p", "-t", "t", "#{pane_dead}").strip() == "1"
 
     def wait_exit(self, last_words: str, timeout: float = 5.0) -> None:
         """Until the pane's process has exited and its last words are on the screen (tmux
         may see the exit before it has shown the last output). A dead pane's "Pane is dead"
         line scrolls the screen by one: the words are looked for in its history too."""
-        wait_for(lambda: self.dead() is not None and last_words in self.screen(history=True), timeout=timeout,
-                 what=f"the pane's process to exit, saying {last_words!r}")
+        try:
+            wait_for(lambda: self.exited() and last_words in self.screen(history=True),
+                     timeout=timeout, what=f"the pane's process to exit, saying {last_words!r}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the pane (exited: {self.exited()}):\n{self.screen(history=True)}") \
+                from None
 
     def close(self) -> None:
         subprocess.run([*self.base, "kill-server"], capture_output=True, timeout=10)

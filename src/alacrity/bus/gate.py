@@ -498,15 +498,10 @@ class Gate:
     def _make_status(self, control: ControlConn) -> None:
         control.waiting = True
         self.status_making += 1
-        threading.Thread(target=self._status_thread, args=(control,), name="status", daemon=True).start()
+        self.status.make_reply(lambda line: self._status_made(control, line))
 
-    def _status_thread(self, control: ControlConn) -> None:
-        try:
-            reply = {"status": self.status.snapshot()}
-        except Exception as exc:  # never leave the connection waiting
-            log.exception("status snapshot failed")
-            reply = {"error": f"status failed: {exc}"}
-        self.status_done.append((control, json.dumps(reply).encode() + b"\n"))
+    def _status_made(self, control: ControlConn, line: bytes) -> None:  # in a status thread
+        self.status_done.append((control, line))
         self._wake()
 
     def _deliver_status(self) -> None:
@@ -523,5 +518,5 @@ class Gate:
 
 #: `_answer` says so for a status request: the reply comes later, from `_make_status`.
 _STATUS: dict = {}
-#: Status snapshots being made at once (each in a thread of its own).
+#: Status requests being answered at once (by bus/status.py's threads); more are refused.
 MAX_STATUS_MAKING = 4

@@ -3,13 +3,13 @@
 A custom collector turns each scrape into one snapshot (bus/status.py, the same one
 `alacrity top` reads) and the snapshot into metric families with stable names and
 labels (`device`, `class`, `bus`, `port`): docs/metrics.md lists every one. Nothing is
-registered in prometheus_client's global registry: each server has a registry of its
-own, with this collector and the daemon's process_* metrics.
+registered in prometheus_client's global registry: the server has a registry of its
+own, with this one collector.
 
-The endpoint is plain HTTP (`GET /metrics`), served from a thread per listening
-socket: a Unix socket by default (RUN_DIR/metrics.sock, mode 0600: root only), and TCP
-addresses when asked (`alacrityd --metrics 127.0.0.1:9464`). It is bounded: at most
-`MAX_SCRAPES` scrapes at once (more get 503 at once), a connection that does not send
+The endpoint is plain HTTP (`GET /metrics`), accepted by a thread per listening socket
+and served by a few kept threads: a Unix socket by default (RUN_DIR/metrics.sock, mode
+0600: root only), and TCP addresses when asked (`alacrityd --metrics 127.0.0.1:9464`).
+It is bounded: at most `MAX_SCRAPES` scrapes at once (more get 503 at once), a connection that does not send
 its request or read its answer within `IO_TIMEOUT_S` is dropped, and a switch that does
 not answer costs a scrape at most status.SLOW_WAIT_S (it then shows `alacrity_device_up 0`).
 """
@@ -17,6 +17,7 @@ not answer costs a scrape at most status.SLOW_WAIT_S (it then shows `alacrity_de
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.server
 import ipaddress
 import logging
@@ -26,13 +27,13 @@ import socket
 import socketserver
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from alacrity.bus.status import Status
@@ -88,6 +89,16 @@ SWITCH_TOTALS = {  # the switch's `stats` view: name -> (type, help)
 }
 
 
+@functools.lru_cache(maxsize=1024)
+def _class_counter(cls: str, key: str) -> tuple[str, str, str]:
+    """(kind, name, help) of a device counter that is not one of COMMON."""
+    if key in GAUGE_COUNTERS:
+        return "gauge", f"alacrity_{_name(cls)}_{_name(key)}", f"The {cls} device's {key}."
+    metric, doc = CLASS_COUNTERS.get((cls, key), (f"alacrity_{_name(cls)}_{_name(key)}",
+                                                  f"The {cls} device's {key} counter."))
+    return "counter", metric, doc
+
+
 def _name(text: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", text)
 
@@ -130,16 +141,10 @@ def families(snap: dict[str, Any]) -> Iterable[Metric]:
         for bus in dev["buses"]:
             out.add("gauge", "alacrity_bus_device", "1 for each device linked into each bus.",
                     {"bus": bus, "device": name, "class": cls}, 1)
-        for key, value in sorted(counters.items()):
-            if key in COMMON:
-                continue
-            if key in GAUGE_COUNTERS:
-                out.add("gauge", f"alacrity_{_name(cls)}_{_name(key)}", f"The {cls} device's {key}.",
-                        {"device": name}, value)
-                continue
-            metric, doc = CLASS_COUNTERS.get((cls, key), (f"alacrity_{_name(cls)}_{_name(key)}",
-                                                          f"The {cls} device's {key} counter."))
-            out.add("counter", metric, doc, {"device": name}, value)
+        by_device = {"device": name}
+        for key, value in counters.items():
+            if key not in COMMON:
+                out.add(*_class_counter(cls, key), by_device, value)
         if cls == "switch":
             _switch(out, name, dev["views"])
     for bus in snap["buses"]:
@@ -163,6 +168,15 @@ def families(snap: dict[str, Any]) -> Iterable[Metric]:
                 gate["device_connections"])
     out.add("gauge", "alacrity_status_seconds", "How long this scrape's snapshot of the bus took.", {},
             snap["took_s"])
+    daemon = snap["daemon"]
+    out.add("gauge", "alacrity_daemon_uptime_seconds", "How long alacrityd has been serving.", {},
+            daemon["uptime_s"])
+    if "cpu_s" in daemon:
+        out.add("counter", "alacrity_daemon_cpu_seconds", "CPU time alacrityd used (user and system, all "
+                "its threads; its switch processes not counted).", {}, daemon["cpu_s"])
+        out.add("gauge", "alacrity_daemon_resident_memory_bytes", "alacrityd's resident memory.", {},
+                daemon["rss_bytes"])
+        out.add("gauge", "alacrity_daemon_threads", "alacrityd's threads.", {}, daemon["threads"])
     return out.by_name.values()
 
 
@@ -203,10 +217,9 @@ class SnapshotCollector:
 
 
 def registry(status: Status) -> CollectorRegistry:
-    """A registry of our own (never the library's global one): the bus and the process."""
+    """A registry of our own (never the library's global one), with the one collector."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(SnapshotCollector(status))
-    reg.register(ProcessCollector(registry=None))
     return reg
 
 
@@ -290,13 +303,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class _Bounded:
-    """Mixed into the servers: a thread per scrape, at most MAX_SCRAPES at once."""
+    """Mixed into the servers: scrapes are served by a few kept threads, at most
+    MAX_SCRAPES at once over every endpoint; one more is answered 503 at once."""
 
-    daemon_threads = True
     block_on_close = False
     request_queue_size = 32
     registry: CollectorRegistry
     slots: threading.BoundedSemaphore
+    workers: ThreadPoolExecutor
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
@@ -306,19 +320,26 @@ class _Bounded:
                                 b"Content-Length: 0\r\n\r\n")
             self.shutdown_request(request)  # type: ignore[attr-defined]
             return
-        super().process_request(request, client_address)  # type: ignore[misc]
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
+            self.workers.submit(self._serve, request, client_address)
+        except RuntimeError:  # stopping
+            self.slots.release()
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)  # type: ignore[attr-defined]
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)  # type: ignore[attr-defined]
             self.slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("metrics: a scrape connection failed", exc_info=True)
 
 
-class _TcpServer(_Bounded, socketserver.ThreadingMixIn, http.server.HTTPServer):
+class _TcpServer(_Bounded, http.server.HTTPServer):
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)  # not HTTPServer's: it asks DNS for our name
         self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
@@ -328,7 +349,7 @@ class _Tcp6Server(_TcpServer):
     address_family = socket.AF_INET6
 
 
-class _UnixServer(_Bounded, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _UnixServer(_Bounded, socketserver.UnixStreamServer):
     def server_bind(self) -> None:
         path = self.server_address
         with contextlib.suppress(FileNotFoundError):
@@ -349,6 +370,8 @@ class MetricsServer:
         self.registry = registry(status)
         self.where = where
         self.servers: list[tuple[Endpoint, socketserver.BaseServer]] = []
+        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        self.workers = ThreadPoolExecutor(max_workers=MAX_SCRAPES, thread_name_prefix="metrics")
 
     def start(self) -> None:
         for endpoint in self.where:
@@ -359,7 +382,10 @@ class MetricsServer:
                 raise MetricsError(f"cannot serve metrics on {endpoint}: {exc.strerror or exc}; "
                                    "give another address with --metrics, or --metrics off") from None
         for endpoint, server in self.servers:
-            threading.Thread(target=server.serve_forever, daemon=True, name=f"metrics {endpoint}").start()
+            # A long poll: the loop wakes for connections, not to look at the clock (stop()
+            # closes the socket under it, which wakes it).
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 60.0}, daemon=True,
+                             name=f"metrics {endpoint}").start()
             log.info("metrics: serving GET /metrics on %s", endpoint)
 
     def _server(self, endpoint: Endpoint) -> socketserver.BaseServer:
@@ -369,16 +395,17 @@ class MetricsServer:
         else:
             make = _Tcp6Server if ":" in endpoint.host else _TcpServer
             server = make((endpoint.host, endpoint.port), _Handler)
-        server.registry = self.registry
-        server.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        server.registry, server.slots, server.workers = self.registry, self.slots, self.workers
         return server
 
     def stop(self) -> None:
         for endpoint, server in self.servers:
-            # shutdown() waits for serve_forever's next poll (0.5 s): not here.
+            # shutdown() waits for serve_forever's loop to notice: not here. Closing the
+            # socket wakes the loop, which then sees the request to stop.
             threading.Thread(target=server.shutdown, daemon=True).start()
             server.server_close()
             if endpoint.kind == "unix":
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(endpoint.path)
         self.servers = []
+        self.workers.shutdown(wait=False, cancel_futures=True)

@@ -17,15 +17,20 @@ instead of holding up the snapshot, the gate or a scrape.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from alacrity.bus.model import Model
 from alacrity.devices.base import Device
 from alacrity.errors import AdminError
+
+log = logging.getLogger("alacrity.status")
 
 #: How long a snapshot waits for devices that answer from elsewhere (a switch's process).
 SLOW_WAIT_S = 1.5
@@ -38,13 +43,13 @@ VM_VISITS = 64
 
 def _value(text: str) -> int | float | str:
     """A view's value as a number where it is one."""
-    with contextlib.suppress(ValueError):
+    if text.removeprefix("-").isdigit():
         return int(text)
-    with contextlib.suppress(ValueError):
+    try:
         number = float(text)
-        if number == number:  # not NaN
-            return number
-    return text
+    except ValueError:
+        return text
+    return number if number == number else text  # not NaN
 
 
 def _table(text: str) -> dict[str, int | float | str] | None:
@@ -69,19 +74,16 @@ def sample(device: Device) -> dict[str, Any]:
     """One device's counters, state, last error and tables, read now."""
     entry: dict[str, Any] = {"counters": {}, "state": {}, "last_error": "", "views": {}, "error": ""}
     try:
-        state = device.state()
+        state = device.state()  # first: it may bring the counters up to date (a switch's)
         views = device.views()
     except (AdminError, OSError, RuntimeError, ValueError) as exc:
         entry["error"] = getattr(exc, "message", None) or str(exc)
-        state, views = device_counters(device), {}
-    counters = device.counters  # its keys say which state entries are counters
+        state, views = {}, {}
+    with device.lock:
+        entry["counters"] = dict(device.counters)
+        entry["last_error"] = device.last_error
     for key, text in state.items():
-        if key == "last_error":
-            entry["last_error"] = text
-        elif key in counters:
-            value = _value(text)
-            entry["counters"][key] = value if isinstance(value, int) else 0
-        else:
+        if key != "last_error" and key not in entry["counters"]:
             entry["state"][key] = text
     for name, view in views.items():
         if isinstance(view, dict):  # a directory: keep the files that are key-value text
@@ -94,15 +96,6 @@ def sample(device: Device) -> dict[str, Any]:
     return entry
 
 
-def device_counters(device: Device) -> dict[str, str]:
-    """The counters the daemon holds itself, without asking anyone: what is shown of a
-    device that is not answering."""
-    with device.lock:
-        shown = {k: str(v) for k, v in device.counters.items()}
-        shown["last_error"] = device.last_error
-    return shown
-
-
 class Status:
     """Makes snapshots of `model`; `gate` (optional) adds its own counters."""
 
@@ -110,12 +103,27 @@ class Status:
         self.model = model
         self.gate = gate
         self.started = time.monotonic()
-        self.pool = ThreadPoolExecutor(max_workers=SLOW_WORKERS, thread_name_prefix="status")
+        self.pool = ThreadPoolExecutor(max_workers=SLOW_WORKERS, thread_name_prefix="status-device")
+        self.makers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="status")
         self.lock = threading.Lock()
         self.inflight: dict[str, tuple[Device, Future[dict[str, Any]]]] = {}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.makers.shutdown(wait=False, cancel_futures=True)
+
+    def make_reply(self, done: Callable[[bytes], None]) -> None:
+        """Make a snapshot in a thread of ours (threads kept, not made per request) and
+        give `done` the gate's reply line for it, `{"status": ...}` or `{"error": ...}`."""
+        self.makers.submit(self._reply, done)
+
+    def _reply(self, done: Callable[[bytes], None]) -> None:
+        try:
+            reply: dict[str, Any] = {"status": self.snapshot()}
+        except Exception as exc:  # never leave the asker waiting
+            log.exception("status snapshot failed")
+            reply = {"error": f"status failed: {exc}"}
+        done(json.dumps(reply).encode() + b"\n")
 
     def _ask(self, device: Device) -> Future[dict[str, Any]]:
         """The device's sample in the pool; a request still in flight is shared, not repeated."""
@@ -165,7 +173,7 @@ class Status:
                 entry = sample(dev)
             out.append({"name": name, "class": class_name, "buses": buses_of.get(name, []), **entry})
         snap: dict[str, Any] = {
-            "daemon": {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3)},
+            "daemon": {"pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 3), **_own()},
             "devices": out,
             "buses": buses,
             "took_s": round(time.monotonic() - begun, 6),
@@ -178,17 +186,26 @@ class Status:
 
 def sample_quietly(device: Device, error: str) -> dict[str, Any]:
     """What the daemon knows of a device that did not answer in time."""
-    entry = {"counters": {}, "state": {}, "last_error": "", "views": {}, "error": error}
-    for key, text in device_counters(device).items():
-        if key == "last_error":
-            entry["last_error"] = text
-        else:
-            entry["counters"][key] = int(text)
-    entry["sampled"] = time.monotonic()
-    return entry
+    with device.lock:
+        counters, last_error = dict(device.counters), device.last_error
+    return {"counters": counters, "state": {}, "last_error": last_error, "views": {}, "error": error,
+            "sampled": time.monotonic()}
 
 
-# -- members and VMs, from /proc
+# -- the daemon itself, members and VMs, from /proc
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _own() -> dict[str, Any]:
+    """The daemon's CPU time (user + system, all threads), resident memory and threads."""
+    fields = _read("/proc/self/stat", 4096).rpartition(b")")[2].split()
+    if len(fields) < 22:
+        return {}
+    return {"cpu_s": (int(fields[11]) + int(fields[12])) / _TICK, "rss_bytes": int(fields[21]) * _PAGE,
+            "threads": int(fields[17])}
+
 
 def _read(path: str, limit: int = 65536) -> bytes:
     try:

@@ -63,8 +63,6 @@ def run(args: argparse.Namespace) -> int:
         con = bus.open(device.name, vm=args.name, mode=mode, backlog=backlog)
     except (client.GateError, ConsoleRefused, OSError, ValueError) as exc:
         raise UserError(f"console {args.name} on {device.name}: {exc}") from None
-    if mode == "attach":
-        _note(f"attached to the console of {args.name} on {device.name}; Ctrl-] detaches")
     while True:
         detached = _attach(con) if mode == "attach" else _follow(con)
         con.close()
@@ -178,7 +176,8 @@ def _attach(con: ConsoleClient) -> bool:
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd) if os.isatty(fd) else None
     if saved is not None:
-        tty.setraw(fd)
+        tty.setraw(fd, termios.TCSANOW)  # not TCSAFLUSH: keys typed already go to the guest
+    _note(f"attached to the console of {con.vm}; Ctrl-] detaches")
     out = sys.stdout.buffer
     try:
         while True:

@@ -25,7 +25,8 @@ then a VM joins it:
 VM_RUN_EPILOG = """\
 Each device on the bus is attached as its class says: a blk disk (vda, vdb, ...), a
 switch as a virtio-net NIC (eth0, eth1, ... in the order 'alacrity bus show' lists them;
-the guest configures eth0 from --ip/--gw), an rng as /dev/hwrng. Two guests on one switch,
+the guest configures eth0 from --ip/--gw), an rng as /dev/hwrng, a console device as the
+serial console (kept by the bus: 'alacrity vm console NAME'). Two guests on one switch,
 each on its own bus (a disk is written by one VM at a time unless its 'shared' is 1):
   alacrity vm run --bus lab1 --name a --ip 10.0.0.1/24 --cmd 'iperf3 -s -1'
   alacrity vm run --bus lab2 --name b --ip 10.0.0.2/24 --cmd 'iperf3 -c 10.0.0.1 -t 5'
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", type=Path, help="kernel (default: the built default guest)")
     run.add_argument("--initrd", type=Path, help="initramfs (default: the built default guest)")
     run.add_argument("--cmd", help="shell command to run in the guest, then power off")
-    run.add_argument("--log", type=Path, help="send the serial console to this file")
+    run.add_argument("--log", type=Path, help="send the serial console to this file (with a console "
+                     "device on the bus: QEMU's copy of what it sends there)")
     run.add_argument("--append", default="", help="extra kernel command line")
     run.add_argument("--timeout", type=float, default=0, help="kill the VM after this many seconds")
     net = run.add_argument_group("network (switch devices on the bus)")

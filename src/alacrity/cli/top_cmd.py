@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -51,7 +52,7 @@ examples:
   alacrity top                      # live, full terminal
   alacrity top --sort rate          # busiest first
   alacrity top --once               # one plain-text snapshot with rates over 1 s, for scripts
-  alacrity top --once --interval 0  # counters only, no waiting
+  alacrity top --once --interval 0  # at once: connections, errors, members, VMs (no rates)
 
 The same counters, for Prometheus: alacrityd serves them on RUN_DIR/metrics.sock
 (docs/metrics.md). The daemon is found at $ALACRITY_RUN_DIR (default /run/alacrityd).
@@ -71,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="print one snapshot as plain text and exit (rates over --interval)")
     parser.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
                         help="seconds between refreshes (default 1); with --once, the time the rates "
-                        "are measured over (0: counters only)")
+                        "are measured over (0: no rates, no waiting)")
     parser.add_argument("--sort", choices=sorted(SORTS.values()), default="name",
                         help="the column to sort devices by (default name)")
     parser.add_argument("--reverse", action="store_true", help="reverse the order")
@@ -256,18 +257,26 @@ def _switch_rows(row: Row, dev: dict[str, Any], old: dict[str, Any] | None, dt: 
     row.speed = bits / 8
 
 
+def natural(name: str) -> list[Any]:
+    """disk2 before disk10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def sort_rows(found: list[Row], column: str, reverse: bool) -> list[Row]:
-    keys = {"name": lambda r: r.name, "class": lambda r: (r.cls, r.name),
-            "connections": lambda r: (r.connections, r.name), "rate": lambda r: (r.speed, r.name),
-            "errors": lambda r: (r.errors, r.name)}
-    descending = (column in NUMERIC) != reverse
-    return sorted(found, key=keys[column], reverse=descending)
+    """By `column`; equals by name, always ascending (the sort is stable, also reversed)."""
+    by_name = sorted(found, key=lambda r: natural(r.name), reverse=column == "name" and reverse)
+    if column == "name":
+        return by_name
+    keys = {"class": lambda r: r.cls, "connections": lambda r: r.connections, "rate": lambda r: r.speed,
+            "errors": lambda r: r.errors}
+    return sorted(by_name, key=keys[column], reverse=(column in NUMERIC) != reverse)
 
 
 # -- rendering (rich)
 
 def render(snap: dict[str, Any] | None, found: list[Row], column: str, reverse: bool, *,
-           problem: str = "", height: int | None = None, interval: float = 1.0, live: bool = True) -> Any:
+           problem: str = "", height: int | None = None, interval: float = 1.0, live: bool = True,
+           prev: dict[str, Any] | None = None) -> Any:
     """The screen: a header, the devices (ports below their switch), the buses, the keys.
     Live, it fills the terminal and cuts the device rows to its `height`."""
     from rich.console import Group
@@ -278,14 +287,14 @@ def render(snap: dict[str, Any] | None, found: list[Row], column: str, reverse: 
     if snap is not None:
         d = snap["daemon"]
         gate = snap.get("gate", {})
-        head = (f"alacrity top · alacrityd pid {d['pid']}, up {_uptime(d['uptime_s'])} · "
+        head = (f"alacrity top · alacrityd pid {d['pid']}, up {_uptime(d['uptime_s'])}{_own(d, prev)} · "
                 f"{len(snap['devices'])} devices, {len(snap['buses'])} buses · "
                 f"gate refusals {gate.get('refusals', 0)} · {time.strftime('%H:%M:%S')}")
         if live:
             head += f" · every {interval:g} s"
-        parts.append(Text(head, style="bold"))
+        parts.append(Text(head, style="bold", no_wrap=True, overflow="ellipsis"))
     if problem:
-        parts.append(Text(problem, style="bold red"))
+        parts.append(Text(problem, style="bold red", no_wrap=True, overflow="ellipsis"))
     devices = Table(expand=live, box=None, header_style="bold reverse", pad_edge=False)
     for title, kw in (("DEVICE", {}), ("CLASS", {}), ("BUSES / PEER", {"overflow": "ellipsis"}),
                       ("CONN", {"justify": "right"}), ("RATE", {"justify": "right"}),
@@ -327,14 +336,24 @@ def render(snap: dict[str, Any] | None, found: list[Row], column: str, reverse: 
 def _footer(column: str, reverse: bool) -> Any:
     from rich.text import Text
 
-    footer = Text("sort: ", style="reverse")
+    footer = Text("[q]uit · sort: ", style="reverse", no_wrap=True, overflow="ellipsis")
     for key, name in SORTS.items():
         label = name.replace(key, f"[{key}]", 1) if key in name else f"[{key}]{name}"
         footer.append(label, style="bold reverse" if name == column else "reverse")
         footer.append(" ", style="reverse")
     order = "descending" if (column in NUMERIC) != reverse else "ascending"
-    footer.append(f"({order}; the same key reverses) · [q]uit ", style="reverse")
+    footer.append(f"({order}; the same key again reverses) ", style="reverse")
     return footer
+
+
+def _own(daemon: dict[str, Any], prev: dict[str, Any] | None) -> str:
+    """The daemon's own CPU (over the last interval) and memory."""
+    text = f", {daemon['rss_bytes'] / (1 << 20):.0f} MiB" if "rss_bytes" in daemon else ""
+    before = prev["daemon"] if prev else {}
+    if "cpu_s" in daemon and "cpu_s" in before and daemon["uptime_s"] > before["uptime_s"]:
+        busy = (daemon["cpu_s"] - before["cpu_s"]) / (daemon["uptime_s"] - before["uptime_s"])
+        text += f", cpu {100 * busy:.1f} %"
+    return text
 
 
 def _uptime(seconds: float) -> str:
@@ -374,7 +393,7 @@ def _once(source: StatusSource, args: argparse.Namespace) -> int:
     width = shutil.get_terminal_size((200, 50)).columns if sys.stdout.isatty() else 200
     console = Console(file=sys.stdout, width=width, color_system=None, force_terminal=False,
                       highlight=False, emoji=False)
-    console.print(render(snap, rows(snap, prev), args.sort, args.reverse, live=False))
+    console.print(render(snap, rows(snap, prev), args.sort, args.reverse, live=False, prev=prev))
     return 0
 
 
@@ -406,7 +425,7 @@ def _live(source: StatusSource, args: argparse.Namespace) -> int:
                     redraw = True
                 if redraw:
                     found = rows(snap, prev)
-                    live.update(render(snap, found, column, reverse, problem=problem,
+                    live.update(render(snap, found, column, reverse, problem=problem, prev=prev,
                                        height=console.size.height, interval=args.interval), refresh=True)
                     redraw = False
                 ready, _, _ = select.select([fd], [], [], max(0.0, due - time.monotonic()))

@@ -6,7 +6,7 @@
             ...
 
 The wire protocol (one request line, one reply line, then the raw stream) is defined
-next to the device, in alacrity.devices.console.
+next to the device, in alacrity.devices.console_ring.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import contextlib
 import select
 import socket
 
-from alacrity.devices.console import MAX_HELLO, ConsoleRefused, Hello, HelloError, format_hello, parse_reply
+from alacrity.devices.console_ring import (
+    MAX_HELLO,
+    ConsoleRefused,
+    Hello,
+    HelloError,
+    format_hello,
+    parse_reply,
+)
 
 __all__ = ["ConsoleClient", "ConsoleError", "ConsoleRefused"]
 
