@@ -117,7 +117,11 @@ def identify_peer(sock: socket.socket, pid: int) -> PeerKind:
         raise PeerRefused(f"the socket's peer is pid {peer_pid}, not {pid}")
     try:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError:
+    except OSError as exc:
+        # As in bus/identity.py: only "no SO_PEERPIDFD here" falls back to the pid; other
+        # errors (EINVAL for a reaped peer on 6.5 to 6.14) mean the peer is gone.
+        if exc.errno != errno.ENOPROTOOPT:
+            raise PeerRefused(f"no pidfd for the peer: {exc.strerror}") from None
         try:
             pidfd = os.pidfd_open(pid)
         except OSError as exc:
