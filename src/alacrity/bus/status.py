@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from alacrity.bus.model import Model
-from alacrity.devices.base import Device
+from alacrity.devices.base import Device, qemu_name_of
 from alacrity.errors import AdminError
 
 log = logging.getLogger("alacrity.status")
@@ -232,12 +232,10 @@ def _children(pid: int) -> list[int]:
 
 def vm_name(pid: int) -> str | None:
     """The name of the QEMU running as `pid` (its `-name`), or None if it is not one."""
-    argv = _read(f"/proc/{pid}/cmdline").split(b"\0")
-    if not os.path.basename(argv[0]).startswith(b"qemu") or b"-name" not in argv:
+    name = qemu_name_of(pid)
+    if name is None:
         return None
-    i = argv.index(b"-name")
-    name = argv[i + 1].decode(errors="replace").split(",")[0] if i + 1 < len(argv) else ""
-    return name.removeprefix("guest=") if name.isprintable() and len(name) <= 64 else "?"
+    return name if name.isprintable() and len(name) <= 64 else "?"
 
 
 def _vms_below(members: list[int]) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from alacrity.devices.console_ring import qemu_name
 from alacrity.errors import AdminError, busy, invalid
 from alacrity.vhost_user.session import Session
 
@@ -26,6 +27,8 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MAX_SIZE = (1 << 63) - 1
 
 _reserved: tuple[str, ...] = ()
+#: The most of a process's /proc/PID/cmdline we read.
+MAX_CMDLINE = 1 << 20
 
 
 def reserve_paths(*dirs: str | os.PathLike[str]) -> None:
@@ -46,18 +49,27 @@ def reserved_paths() -> tuple[str, ...]:
     return _reserved
 
 
+def qemu_name_of(pid: int) -> str | None:
+    """The `-name` of the QEMU running as `pid`, as its command line gives it; None if `pid`
+    is not a QEMU started with one. The command line is the process's own to write: a
+    hint for messages and views, never an identity."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read(MAX_CMDLINE)
+    except OSError:
+        return None
+    argv = [arg.decode(errors="replace") for arg in data.rstrip(b"\0").split(b"\0")]
+    if not os.path.basename(argv[0]).startswith("qemu"):
+        return None
+    return qemu_name(argv)
+
+
 def holder(pid: int) -> str:
     """Who `pid` is, for a message: "VM NAME (pid N)" for a QEMU started with -name,
     else "pid N"."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read(65536).split(b"\0")
-    except OSError:
-        return f"pid {pid}"
-    if "-name" in (arg.decode(errors="replace") for arg in argv):
-        name = argv[argv.index(b"-name") + 1].decode(errors="replace").split(",")[0]
-        if name and name.isprintable() and len(name) <= 64:
-            return f"VM {name} (pid {pid})"
+    name = qemu_name_of(pid)
+    if name and name.isprintable() and len(name) <= 64:
+        return f"VM {name} (pid {pid})"
     return f"pid {pid}"
 
 

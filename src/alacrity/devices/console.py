@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from alacrity.devices.base import Attribute, Device, Slot, chardev_socket, parse_size
+from alacrity.devices.base import MAX_CMDLINE, Attribute, Device, Slot, chardev_socket, parse_size
 from alacrity.devices.console_ring import (
     CHUNK,
     MAX_HELLO,
@@ -81,7 +81,6 @@ SO_PEERPIDFD = 77  # Linux 6.5+; not yet named by Python 3.11's socket module
 # ---- who connected: a QEMU (its name) or a client
 
 QEMU_EXE = re.compile(r"qemu-system-[A-Za-z0-9_]+|qemu-kvm")
-MAX_CMDLINE = 1 << 20
 #: QEMU's serial model sends each byte of the guest's output in a sendmsg of its own,
 #: and each is an skb charged ~768 bytes against the sender's buffer: with the default
 #: buffer (208 KiB) only ~280 bytes may wait for us. A guest writing faster than we
