@@ -10,7 +10,10 @@ docs/devices.md for a walk through the smallest class, `rng`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import queue
 import re
 import socket
 import threading
@@ -158,6 +161,46 @@ class Attribute:
     default: str
     doc: str
     live: bool = False
+
+
+#: Admitted connections a device that adopts them may have waiting; beyond this the gate
+#: is told EAGAIN rather than wait on the device.
+HANDOVER_QUEUE = 64
+
+
+class Handovers:
+    """The bounded queue from the gate to a device that adopts connections (`adopt()`):
+    `put` never waits, and the device's own thread `get`s until the queue is closed."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what  # e.g. "switch lan0", for messages
+        self.closed = False
+        self.queue: queue.Queue[tuple[socket.socket, int, str] | None] = queue.Queue(HANDOVER_QUEUE)
+
+    def put(self, sock: socket.socket, peer_pid: int, label: str) -> None:
+        """Queue an admitted connection; it is ours from here, also on failure (AdminError)."""
+        if self.closed:
+            sock.close()
+            raise AdminError(errno.ENODEV, f"{self.what} is being removed")
+        try:
+            self.queue.put_nowait((sock, peer_pid, label))
+        except queue.Full:
+            sock.close()
+            raise AdminError(errno.EAGAIN, f"{self.what} has {HANDOVER_QUEUE} connections waiting; "
+                             "try again") from None
+
+    def get(self) -> tuple[socket.socket, int, str] | None:
+        """The next connection; None once the queue is closed."""
+        return self.queue.get()
+
+    def close(self, wake: bool) -> None:
+        """Take no more, close those waiting, and (`wake`: a thread gets from us) end `get`."""
+        self.closed = True
+        with contextlib.suppress(queue.Empty):
+            while (item := self.queue.get_nowait()) is not None:
+                item[0].close()
+        if wake:
+            self.queue.put_nowait(None)
 
 
 class Device:

@@ -26,7 +26,6 @@ import ctypes
 import errno
 import logging
 import os
-import queue
 import re
 import secrets
 import select
@@ -38,7 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from alacrity.devices.base import MAX_CMDLINE, Attribute, Device, Slot, chardev_socket, parse_size
+from alacrity.devices.base import MAX_CMDLINE, Attribute, Device, Handovers, Slot, chardev_socket, parse_size
 from alacrity.devices.console_ring import (
     CHUNK,
     MAX_HELLO,
@@ -51,7 +50,6 @@ from alacrity.devices.console_ring import (
     qemu_name,
     safe_name,
 )
-from alacrity.errors import AdminError
 
 log = logging.getLogger("alacrity.devices.console")
 
@@ -62,8 +60,6 @@ MAX_CONSOLES = 64
 #: Client connections (watchers, writers, and those yet to say which) per device, and per uid.
 MAX_CLIENTS = 64
 MAX_CLIENTS_PER_UID = 16
-#: Connections waiting to be identified; beyond this the gate is told EAGAIN.
-HANDOVER_QUEUE = 64
 #: A client must send its request line within this long, and one that the device is
 #: closing (its VM ended) gets this long to take what is left.
 HELLO_TIMEOUT_S = 10.0
@@ -279,7 +275,7 @@ class ConsoleDevice(Device):
         self.counters.update({"bytes_in": 0, "bytes_out": 0, "typed": 0, "dropped": 0, "console_count": 0,
                               "refused": 0})
         self.consoles: dict[str, Console] = {}
-        self.handovers: queue.Queue[tuple[socket.socket, int, str] | None] = queue.Queue(HANDOVER_QUEUE)
+        self.handovers = Handovers(f"console {name}")
         self.inbox: collections.deque[tuple[socket.socket, int, str, PeerKind]] = collections.deque()
         self.clients: set[Client] = set()
         self.resting: set[Stream] = set()
@@ -315,15 +311,7 @@ class ConsoleDevice(Device):
     # -- connections from the gate
     def adopt(self, sock: socket.socket, peer_pid: int, label: str) -> None:
         """Queue the connection to be identified; never waits."""
-        if self.destroyed:
-            sock.close()
-            raise AdminError(errno.ENODEV, f"console {self.name} is being removed")
-        try:
-            self.handovers.put_nowait((sock, peer_pid, label))
-        except queue.Full:
-            sock.close()
-            raise AdminError(errno.EAGAIN, f"console {self.name} has {HANDOVER_QUEUE} connections "
-                             "waiting; try again") from None
+        self.handovers.put(sock, peer_pid, label)
         with self.threads_lock:
             if not self.threads and not self.destroyed:
                 for target, what in ((self._identify_loop, "identify"), (self._loop, "loop")):
@@ -691,13 +679,10 @@ class ConsoleDevice(Device):
 
     def destroy(self) -> None:
         self.destroyed = True
-        with contextlib.suppress(queue.Empty):
-            while (item := self.handovers.get_nowait()) is not None:
-                item[0].close()
         with self.threads_lock:
             threads = list(self.threads)
+        self.handovers.close(wake=bool(threads))
         if threads:
-            self.handovers.put_nowait(None)
             self._wake()
             for thread in threads:
                 thread.join(timeout=5)

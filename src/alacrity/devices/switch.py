@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 import os
-import queue
 import re
 import socket
 import threading
@@ -23,7 +22,7 @@ import time
 from typing import Any
 
 from alacrity import ids
-from alacrity.devices.base import Attribute, Device, Slot, chardev_socket, parse_text, qemu_device
+from alacrity.devices.base import Attribute, Device, Handovers, Slot, chardev_socket, parse_text, qemu_device
 from alacrity.errors import AdminError
 from alacrity.switch.control import DEFAULT_PREFIX
 from alacrity.switch.launcher import SwitchProcess
@@ -34,9 +33,6 @@ log = logging.getLogger("alacrity.devices.switch")
 STATS_CACHE_S = 0.2
 #: How long the admin tree waits for a switch's view before it fails the read with EIO.
 STATS_TIMEOUT_S = 1.0
-#: Admitted connections waiting to be handed to the switch process; beyond this the gate
-#: refuses new ones (EAGAIN) rather than wait on a slow switch.
-HANDOVER_QUEUE = 64
 RESTART_DELAYS_S = (0.2, 1.0, 5.0, 30.0)  # after the 1st, 2nd, 3rd, further crashes in a row
 STABLE_S = 30.0  # a process that ran this long resets the crash count
 
@@ -113,7 +109,7 @@ class SwitchDevice(Device):
         self.crashes = 0
         self._stats: dict[str, Any] = {}
         self._stats_at = 0.0
-        self.handovers: queue.Queue[tuple[socket.socket, int, str] | None] = queue.Queue(HANDOVER_QUEUE)
+        self.handovers = Handovers(f"switch {name}")
         self.handover_thread: threading.Thread | None = None
 
     # -- the process
@@ -178,15 +174,7 @@ class SwitchDevice(Device):
     # -- connections
     def adopt(self, sock: socket.socket, peer_pid: int, label: str) -> None:
         """Queue the connection for the hand-over thread; never waits on the switch."""
-        if self.destroyed:
-            sock.close()
-            raise AdminError(errno.ENODEV, f"switch {self.name} is being removed")
-        try:
-            self.handovers.put_nowait((sock, peer_pid, label))
-        except queue.Full:
-            sock.close()
-            raise AdminError(errno.EAGAIN, f"switch {self.name} has {HANDOVER_QUEUE} connections waiting "
-                             "for its process; try again") from None
+        self.handovers.put(sock, peer_pid, label)
         with self.process_lock:
             if self.handover_thread is None:
                 self.handover_thread = threading.Thread(target=self._hand_over, daemon=True,
@@ -308,11 +296,7 @@ class SwitchDevice(Device):
 
     def destroy(self) -> None:
         self.destroyed = True
-        with contextlib.suppress(queue.Empty):
-            while (item := self.handovers.get_nowait()) is not None:
-                item[0].close()
-        if self.handover_thread is not None:
-            self.handovers.put_nowait(None)
+        self.handovers.close(wake=self.handover_thread is not None)
         self._stop()
         if self.tap_fd is not None:
             os.close(self.tap_fd)
