@@ -8,8 +8,8 @@ The daemon gets DISKS blk devices and SWITCHES switches, spread over buses of fi
 devices each; every switch has two ports open (held, idle, by a process on its bus), so
 its process answers each snapshot. Each run measures three windows of SECONDS, in turn:
 idle; one status request a second over one kept control connection (as `alacrity top`
-does); one scrape a second over a new connection to RUN_DIR/metrics.sock (as Prometheus
-does). The daemon's CPU in a window is the growth of utime + stime in /proc/PID/stat,
+does); one scrape a second over a new connection to RUN_DIR/metrics.sock, with Prometheus's
+Accept header (as Prometheus does: OpenMetrics). The daemon's CPU in a window is the growth of utime + stime in /proc/PID/stat,
 as % of one core. Medians with [min-max] over the runs; "cost" is each window less the
 idle one of the same run.
 """
@@ -93,11 +93,16 @@ class Control:
         return reply["status"]
 
 
+#: What Prometheus (2.x and 3.x) asks for: OpenMetrics first.
+PROMETHEUS_ACCEPT = (b"application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     b"version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
 def scrape(path: str) -> bytes:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(path)
-        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\nAccept: " + PROMETHEUS_ACCEPT + b"\r\n\r\n")
         data = bytearray()
         while chunk := sock.recv(1 << 16):
             data += chunk

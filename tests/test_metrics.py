@@ -274,3 +274,57 @@ def test_every_metric_in_the_docs_is_served_or_known():
     stray = sorted(n for n in documented if n.removesuffix("_total").removesuffix("_info") not in known
                    and not n.endswith("_"))
     assert not stray, f"documented but not made: {stray}"
+
+
+def tricky_snapshot() -> dict:
+    """A snapshot with every kind of family and label values that need escaping."""
+    port = {key: 7 * i + 1_234_567_890 * (i % 2) for i, key in enumerate(metrics.PORT_COUNTERS)}
+    return {
+        "devices": [
+            {"name": "disk0", "class": "blk", "buses": ["lab", "b\"2"], "error": "",
+             "counters": {"connections": 1, "errors": 0, "reads": 12, "bytes_read": 10**12,
+                          "odd-key": 3, "console_count": 2}, "views": {}},
+            {"name": 'we\\ird"\nname', "class": "rng", "buses": [], "error": "gone",
+             "counters": {"bytes": 0.5, "requests_total": 4}, "views": {}},
+            {"name": "lan0", "class": "switch", "buses": ["lab"], "error": "", "counters": {},
+             "views": {"ports": {"10": {**port, "running": 1, "label": "lan0[pid 5]", "mac": "52:54:00:00:00:01"},
+                                 "uplink": {**port, "uplink": 1, "label": "lan0:tap", "mac": "é"},
+                                 "2": {"rx_packets": 0}},
+                       "stats": {"ports": 2, "fdb_entries": 3, "floods": 10**7, "engine": "native"}}},
+        ],
+        "buses": [{"name": "lab", "devices": {"disk0": "disk0"}, "members": [1, 2],
+                   "vms": [{"name": "vm\"1", "pid": 99}]}],
+        "gate": {"refusals": 1, "control_connections": 2, "device_connections": 3},
+        "took_s": 0.001234, "daemon": {"uptime_s": 12345678.9, "cpu_s": 1.5, "rss_bytes": 2**31, "threads": 9},
+    }
+
+
+@pytest.mark.parametrize(("accept", "ours"), [
+    ("", True),
+    ("text/plain;version=0.0.4", True),
+    ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1", True),  # what Prometheus 2 and 3 send
+    ("application/openmetrics-text", True),
+    ("text/plain;version=1.0.0;escaping=allow-utf-8", False),
+    ("application/openmetrics-text;version=1.0.0;escaping=dots", False),
+])
+def test_our_renderers_match_the_librarys_byte_for_byte(accept, ours, monkeypatch):
+    """Each format as prometheus_client's own encoder makes it from the same families,
+    and the library's parser reads our text back to the same values. The formats
+    scrapers ask for are rendered by us (the library's objects are never made)."""
+    from prometheus_client.exposition import choose_encoder
+
+    snap = tricky_snapshot()
+    with monkeypatch.context() as patched:
+        if ours:
+            patched.setattr(metrics.Family, "to_metric", None)
+        body, content_type = metrics.encode(accept, snap)
+    encoder, expected_type = choose_encoder(accept)
+    assert content_type == expected_type
+    assert body == encoder(metrics._Families(list(metrics.families(snap))))
+    if content_type.startswith("text/plain; version=0.0.4"):
+        parsed = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                  for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+        assert parsed[("alacrity_blk_read_bytes_total", (("device", "disk0"),))] == 10**12
+        assert parsed[("alacrity_device_up", (("class", "rng"), ("device", 'we\\ird"\nname')))] == 0
+        assert parsed[("alacrity_bus_vm_info", (("bus", "lab"), ("pid", "99"), ("vm", 'vm"1')))] == 1

@@ -1,10 +1,14 @@
-"""User ids for the bus's unprivileged processes (switches now, jailed guests later).
+"""User ids for the bus's unprivileged processes: switches, and jailed guests' QEMUs.
 
 The administrator gives alacrityd a range (`--id-range START:COUNT`, default a block of
 1000 ids above 900000). Each process it starts takes one id of its own, as uid and gid,
 so no two running processes, and nothing outside the bus, share credentials: a
 compromised switch cannot signal or ptrace another. An id is handed out only if no
 process on the host runs with it, so a crashed process's leftovers never share it.
+
+A switch's id is leased until the daemon releases it. A guest's is reserved for
+`RESERVE_S` (`alacrity vm run` asks the gate for one, then starts its jail): after that,
+the jailed QEMU running with it is what keeps it taken, and its exit frees it.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 
 DEFAULT_START = 900000
 DEFAULT_COUNT = 1000
+#: How long an id given to `vm run` stays reserved while its jail starts.
+RESERVE_S = 60.0
 
 
 class IdsExhausted(Exception):
@@ -55,22 +62,28 @@ class IdRange:
 
     def __init__(self, start: int = DEFAULT_START, count: int = DEFAULT_COUNT) -> None:
         self.start, self.count = start, count
-        self.leased: set[int] = set()
+        self.leased: dict[int, float] = {}  # uid -> when the lease ends (inf: at release)
         self.lock = threading.Lock()
 
-    def lease(self) -> int:
+    def lease(self, reserve_s: float | None = None) -> int:
+        """A free id, leased until `release` or, with `reserve_s`, for that long."""
         with self.lock:
-            in_use = _uids_in_use() | self.leased
+            now, running = time.monotonic(), _uids_in_use()
+            # A reservation ends early once a process runs with its id: from then on that
+            # process holds the id, and its exit frees it at once.
+            self.leased = {uid: end for uid, end in self.leased.items()
+                           if end == float("inf") or (end > now and uid not in running)}
+            in_use = running | set(self.leased)
             for uid in range(self.start, self.start + self.count):
                 if uid not in in_use:
-                    self.leased.add(uid)
+                    self.leased[uid] = now + reserve_s if reserve_s is not None else float("inf")
                     return uid
         raise IdsExhausted(f"all {self.count} ids from {self.start} are in use: give alacrityd a larger "
                            "--id-range")
 
     def release(self, uid: int) -> None:
         with self.lock:
-            self.leased.discard(uid)
+            self.leased.pop(uid, None)
 
 
 #: The daemon's range; alacrityd replaces it from its --id-range option at start.

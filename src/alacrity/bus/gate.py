@@ -27,6 +27,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alacrity import ids
 from alacrity.bus.identity import IdentityError, Peer, identify, peer_uid
 from alacrity.bus.model import Model
 from alacrity.bus.status import Status
@@ -446,8 +447,10 @@ class Gate:
             return {"refusals": self._refusals_below(peer)}
         if op == "status":
             return self._status_op(peer)
+        if op == "lease":
+            return self._lease_op(peer, bus)
         if op not in ("devices", "check"):
-            return {"error": f"unknown op {op!r}: use devices, check, refusals, status or whoami"}
+            return {"error": f"unknown op {op!r}: use devices, check, lease, refusals, status or whoami"}
         if bus is None:
             with self.lock:  # connection threads count refusals too
                 self.refusals += 1
@@ -473,6 +476,22 @@ class Gate:
             for entry, (_link, instance) in zip(devices, on_bus, strict=True):
                 entry["refusal"] = instance.refusal(peer.pid)
         return {"bus": bus, "devices": devices}
+
+    def _lease_op(self, peer: Peer, bus: str | None) -> dict:
+        """A uid of the unprivileged range for a guest's jail, reserved for ids.RESERVE_S:
+        root's, for a member of a bus (`alacrity vm run` asks once it has joined)."""
+        why = ("only root starts jailed guests" if peer.uid != 0 else
+               "join a bus first: ids are for the jails of its guests" if bus is None else "")
+        if why:
+            with self.lock:
+                self._log_refusal("lease", peer, why)
+            return {"error": why}
+        try:
+            uid = ids.unprivileged.lease(reserve_s=ids.RESERVE_S)
+        except ids.IdsExhausted as exc:
+            return {"error": str(exc)}
+        log.info("uid %d reserved for a guest of bus %s (pid %d)", uid, bus, peer.pid)
+        return {"uid": uid, "reserved_s": ids.RESERVE_S}
 
     def _refusals_below(self, peer: Peer) -> list[dict[str, str | float]]:
         """Refusals of the asker and its descendants, newest last: a process learns only

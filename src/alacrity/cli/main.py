@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "device on the bus: QEMU's copy of what it sends there)")
     run.add_argument("--append", default="", help="extra kernel command line")
     run.add_argument("--timeout", type=float, default=0, help="kill the VM after this many seconds")
+    run.add_argument("--no-jail", action="store_true",
+                     help="run QEMU as root, unjailed, for debugging (root only). By default QEMU runs "
+                     "as a uid of its own from alacrityd's --id-range, with no capabilities, "
+                     "no_new_privs, QEMU's seccomp sandbox, its own mount, pid, ipc, uts and (empty) "
+                     "network namespaces, and a root holding only what it needs (docs/vm.md)")
     net = run.add_argument_group("network (switch devices on the bus)")
     net.add_argument("--ip", metavar="ADDR/PREFIX",
                      help="address of eth0, the NIC on the bus's first switch (e.g. 10.0.0.2/24)")
@@ -115,8 +120,8 @@ def add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("/run/alacrityd"), help="sockets")
     parser.add_argument(
         "--id-range", default="900000:1000", metavar="START:COUNT",
-        help="uids (and gids) for the bus's unprivileged processes, one each: switches "
-        "(default 900000:1000; no other user or service may use them)",
+        help="uids (and gids) for the bus's unprivileged processes, one each: switches and "
+        "jailed guests' QEMUs (default 900000:1000; no other user or service may use them)",
     )
     parser.add_argument(
         "--admin-group", metavar="GROUP",

@@ -27,7 +27,8 @@ def dispatch(args: argparse.Namespace) -> int:
             print("no running VMs")
         for rec in vms:
             up = time.time() - rec.started
-            print(f"{rec.name:20} pid {rec.pid:<8} up {up:7.1f}s  console {rec.console}")
+            who = f"uid {rec.jail_uid}" if rec.jail_uid is not None else "unjailed"
+            print(f"{rec.name:20} pid {rec.pid:<8} {who:11} up {up:7.1f}s  console {rec.console}")
         return 0
     if not stop_vm(args.name):
         raise UserError(f"no running VM named {args.name!r} (see 'alacrity vm list')")
@@ -81,6 +82,22 @@ def attach(devices: list[client.DeviceInfo], vm_name: str, machine_name: str,
     return attached, nics
 
 
+def jail_for(bus: client.Bus, no_jail: bool) -> int | None:
+    """The uid the guest's jail runs as (the gate reserves it), or None with --no-jail."""
+    if no_jail:
+        if os.geteuid() != 0:
+            raise UserError("--no-jail runs QEMU as root, so only root may ask for it")
+        print("alacrity: --no-jail: QEMU runs as root, with every capability, no seccomp filter, and "
+              "the host's files, processes and network in view; for debugging only", file=sys.stderr)
+        return None
+    if os.geteuid() != 0:
+        raise UserError("setting up a guest's jail needs root: run 'alacrity vm run' as root")
+    try:
+        return bus.lease_uid()
+    except client.GateError as exc:
+        raise UserError(f"cannot jail the guest: {exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         check_network(args.ip, args.gw)
@@ -97,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if refused:
         more = f" (and {len(refused) - 1} more device(s) refused)" if len(refused) > 1 else ""
         raise UserError(next(iter(refused.values())) + more)
+    jail_uid = jail_for(bus, args.no_jail)
     name = args.name or f"{args.bus}-{os.getpid()}"
     devices, nics = attach(bus.devices, name, DEFAULT_MACHINE, macs)
     if args.cmd is None and serial_chardev(devices) is not None:  # a console device has ttyS0
@@ -116,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         devices=devices,
         ip=args.ip,
         gw=args.gw,
+        jail_uid=jail_uid,
     )
     vm = VM(spec)
     if vm.accel.accel != "kvm":

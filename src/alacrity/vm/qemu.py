@@ -13,9 +13,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import jail
 from .accel import AccelChoice, choose_accel
 from .console import ConsoleScanner, follow_file, pump_stream
 from .machine import DEFAULT_MACHINE, machine
@@ -61,6 +63,9 @@ class VmSpec:
     ip: str | None = None  # ADDR/PREFIX for eth0
     gw: str | None = None
     run_dir: Path | None = None  # default: runtime_root() / name
+    # The uid (and gid) QEMU runs as in a jail of its own (vm/jail.py); None runs it as
+    # the caller, unjailed (`vm run --no-jail`, and tests that measure the bare QEMU).
+    jail_uid: int | None = None
 
 
 def _opt(value: str | Path) -> str:
@@ -181,7 +186,21 @@ class VM:
         self.spec = spec
         self.accel = (AccelChoice(spec.accel, "requested") if spec.accel else choose_accel())
         self.run_dir = Path(spec.run_dir or runtime_root() / spec.name)
-        self.qmp_path = self.run_dir / "qmp.sock"
+        self.jailed = spec.jail_uid is not None
+        # A jailed QEMU writes only in a directory of its own (its QMP socket and console
+        # log), never beside vm.json, which root's `vm stop` trusts. A console log the user
+        # named is copied there from QEMU's, by us.
+        self.qemu_dir = self.run_dir / "qemu" if self.jailed else self.run_dir
+        self.console_copy: Path | None = None
+        if self.jailed:
+            console = spec.console
+            if console != "stdio":
+                self.console_copy, console = Path(console), self.qemu_dir / "console.log"
+            spec = replace(spec, console=console, kernel=Path(os.path.abspath(spec.kernel)),
+                           initrd=Path(os.path.abspath(spec.initrd)))
+        self.qemu_spec = spec
+        self.cgroup = ""
+        self.qmp_path = self.qemu_dir / "qmp.sock"
         self.console = ConsoleScanner()
         self.proc: subprocess.Popen[bytes] | None = None
         self.record: VmRecord | None = None
@@ -194,7 +213,41 @@ class VM:
         return self.proc.pid if self.proc else None
 
     def command(self) -> list[str]:
-        return build_command(self.spec, self.run_dir, self.accel)
+        """QEMU's own command line (what runs in the jail, if jailed)."""
+        return build_command(self.qemu_spec, self.qemu_dir, self.accel)
+
+    def _jailed(self, cmd: list[str]) -> list[str]:
+        """The jailer's command line around QEMU's, after making what the jail mounts:
+        QEMU's directory (its uid's), the empty mountpoint of the jail's root, the cgroup."""
+        spec, uid = self.qemu_spec, self.spec.jail_uid
+        assert uid is not None
+        for path in (spec.kernel, spec.initrd):
+            try:
+                readable = os.stat(path).st_mode & 0o004
+            except OSError as exc:
+                raise VmError(f"cannot use {path}: {exc.strerror}") from None
+            if not readable:
+                raise VmError(f"{path} is not readable by others, so the guest's jail (uid {uid}) cannot "
+                              f"read it: chmod o+r {path}")
+        self.qemu_dir.mkdir(mode=0o700)
+        os.chown(self.qemu_dir, uid, uid)
+        root = self.run_dir / "root"
+        root.mkdir(mode=0o755)
+        try:
+            binary = jail.qemu_binary(cmd[0])
+            self.cgroup = jail.make_cgroup(spec.name, spec.mem_mib, spec.cpus)
+            sandbox = jail.JailSpec(
+                uid=uid, root=str(root), writable=str(self.qemu_dir),
+                read_only=[binary, *jail.shared_libraries(binary),
+                           *(p for p in jail.QEMU_DATA if os.path.exists(p)), str(spec.kernel),
+                           str(spec.initrd)],
+                sockets=jail.chardev_paths(cmd),
+                devices=["null", "urandom"] + (["kvm"] if self.accel.accel == "kvm" else []),
+                mem_mib=spec.mem_mib, cpus=spec.cpus, cgroup=self.cgroup)
+        except (jail.JailError, OSError) as exc:
+            raise VmError(f"cannot jail the guest: {exc}") from None
+        return [sys.executable, "-m", "alacrity.vm.jail", sandbox.to_json(), "--", binary, *cmd[1:],
+                *jail.SANDBOX]
 
     def start(self) -> VM:
         if find_vm(self.spec.name, self.run_dir.parent) is not None:
@@ -202,27 +255,31 @@ class VM:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir.mkdir(parents=True, mode=0o700)
         cmd = self.command()
+        argv = self._jailed(cmd) if self.jailed else cmd
         on_bus = serial_chardev(self.spec.devices) is not None
-        stdio = self.spec.console == "stdio" and not on_bus
-        log = console_log(self.spec, self.run_dir)
+        stdio = self.qemu_spec.console == "stdio" and not on_bus
+        log = console_log(self.qemu_spec, self.qemu_dir)
         if not stdio:
             # A previous run's log would show a stale ready line.
             log.unlink(missing_ok=True)
         # Only an interactive guest shell reads our terminal.
         stdin = None if stdio and self.spec.cmd is None else subprocess.DEVNULL
         with open(self.run_dir / "qemu.log", "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=stdin, stderr=err,
+            self.proc = subprocess.Popen(argv, stdin=stdin, stderr=err,
                                          stdout=subprocess.PIPE if stdio else subprocess.DEVNULL,
                                          start_new_session=True, preexec_fn=_die_with_parent)
         self.record = VmRecord(self.spec.name, self.proc.pid,
                                proc_start_time(self.proc.pid) or 0, str(self.qmp_path),
-                               time.time(), cmd, "stdio" if stdio else str(log), str(self.run_dir))
+                               time.time(), cmd, "stdio" if stdio else str(log), str(self.run_dir),
+                               self.spec.jail_uid)
         write_record(self.record)
         if stdio:
             assert self.proc.stdout is not None
             self._pump = pump_stream(self.proc.stdout, self.console, _echo)
         else:
-            echo = _echo if self.spec.console == "stdio" else None  # a bus console, shown here too
+            echo = _echo if self.qemu_spec.console == "stdio" else None  # a bus console, shown here too
+            if self.console_copy is not None:
+                echo = _appender(self.console_copy)
             self._pump = follow_file(log, self.console,
                                      lambda: self.proc is not None and self.proc.poll() is None, echo)
         return self
@@ -311,6 +368,13 @@ class VM:
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
         (self.run_dir / "vm.json").unlink(missing_ok=True)
+        jail.remove_cgroup(self.cgroup)
+
+    def qemu_pid(self) -> int | None:
+        """QEMU's pid (the jailer's child when jailed), or None if it is not running."""
+        if self.proc is None:
+            return None
+        return jail.jailed_pid(self.proc.pid) if self.jailed else self.proc.pid
 
     def _diagnostics(self) -> str:
         try:
@@ -319,6 +383,16 @@ class VM:
             err = ""
         out = f"\n--- console tail ---\n{self.console.tail()}"
         return out + (f"\n--- qemu stderr ---\n{err}" if err else "")
+
+
+def _appender(path: Path) -> Callable[[bytes], None]:
+    """Writes each chunk to `path` (made empty first), as QEMU would have written it."""
+    out = open(path, "wb", buffering=0)  # noqa: SIM115 (kept open while the guest runs)
+
+    def write(chunk: bytes) -> None:
+        out.write(chunk)
+
+    return write
 
 
 def _die_with_parent() -> None:

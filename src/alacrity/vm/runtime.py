@@ -30,6 +30,7 @@ class VmRecord:
     cmdline: list[str]
     console: str
     dir: str
+    jail_uid: int | None = None  # the uid of the jailed QEMU; None: unjailed
 
 
 def runtime_root() -> Path:

@@ -1,0 +1,282 @@
+"""Each guest's QEMU runs jailed (vm/jail.py): real guests started by `alacrity vm run` on
+a real alacrityd, looked at from /proc, and attacked from inside a jail by a process
+with the jailed QEMU's uid and namespaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alacrity.vm import jail
+from alacrity.vm.runtime import list_vms
+from tests.conftest import Daemon, fuse_available, need
+
+pytestmark = pytest.mark.vm
+
+ID_START, ID_COUNT = 930000, 50
+NAMESPACES = ("mnt", "pid", "net", "ipc", "uts")
+
+
+def status_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def uids_running() -> set[int]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            found.update(int(u) for u in status_of(int(pid))["Uid"].split())
+        except (OSError, KeyError):
+            continue  # gone meanwhile
+    return found
+
+
+def wait_for(what, predicate, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Lab:
+    """alacrityd with two buses, each with a disk, one switch in both, and a VM on each."""
+
+    def __init__(self, root: Path, image) -> None:
+        self.root, self.image = root, image
+        self.daemon = Daemon(root, args=["--id-range", f"{ID_START}:{ID_COUNT}"])
+        self.daemon.env = {**os.environ, "ALACRITY_RUN_DIR": str(self.daemon.run_dir),
+                           "ALACRITY_ADMIN": str(self.daemon.admin), "ALACRITY_VM_DIR": str(root / "vms")}
+        self.vms: dict[str, subprocess.Popen] = {}
+
+    def start(self) -> Lab:
+        self.daemon.start()
+        self.daemon.make_disk("d1", "j1", self.root / "d1.img")
+        self.daemon.make_disk("d2", "j2", self.root / "d2.img")
+        self.daemon.make_switch("lan0", ["j1", "j2"])
+        return self
+
+    def run_vm(self, name: str, bus: str) -> None:
+        log = self.root / f"{name}.log"
+        argv = [sys.executable, "-m", "alacrity.cli", "vm", "run", "--bus", bus, "--name", name,
+                "--cmd", "sleep 600", "--log", str(log), "--kernel", str(self.image.kernel),
+                "--initrd", str(self.image.initrd)]
+        self.vms[name] = subprocess.Popen(argv, env=self.daemon.env, stdout=subprocess.DEVNULL,
+                                          stderr=open(self.root / f"{name}.err", "wb"),  # noqa: SIM115
+                                          start_new_session=True)
+        wait_for(f"{name} to boot", lambda: log.exists() and b"ALACRITY-READY" in log.read_bytes()
+                 or self._died(name))
+
+    def _died(self, name: str) -> bool:
+        if self.vms[name].poll() is not None:
+            raise AssertionError(f"vm run {name} ended: {(self.root / f'{name}.err').read_text()}")
+        return False
+
+    def qemu(self, name: str) -> int:
+        rec = next(r for r in list_vms(self.root / "vms", prune=False) if r.name == name)
+        pid = jail.jailed_pid(rec.pid)
+        assert pid is not None, f"{name}: no QEMU below its jailer (pid {rec.pid})"
+        return pid
+
+    def stop_vm(self, name: str) -> None:
+        subprocess.run([sys.executable, "-m", "alacrity.cli", "vm", "stop", name], env=self.daemon.env,
+                       capture_output=True, timeout=60)
+        proc = self.vms.pop(name)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def close(self) -> None:
+        for name in list(self.vms):
+            proc = self.vms.pop(name)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        self.daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, guest_image):
+    need(fuse_available(), "FUSE is not available (/dev/fuse or fusermount3 missing)")
+    need(os.geteuid() == 0, "alacrityd and the jail need root")
+    lab = Lab(tmp_path_factory.mktemp("jail"), guest_image).start()
+    try:
+        lab.run_vm("a", "j1")
+        lab.run_vm("b", "j2")
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_a_guests_qemu_is_unprivileged_and_alone(lab):
+    pids = {name: lab.qemu(name) for name in ("a", "b")}
+    uids = {}
+    for name, pid in pids.items():
+        st = status_of(pid)
+        uid = int(st["Uid"].split()[0])
+        uids[name] = uid
+        assert st["Uid"].split() == [str(uid)] * 4 and st["Gid"].split() == [str(uid)] * 4, st
+        assert ID_START <= uid < ID_START + ID_COUNT
+        assert st["Groups"].strip() == ""
+        assert int(st["CapEff"], 16) == int(st["CapPrm"], 16) == int(st["CapBnd"], 16) == 0
+        assert st["NoNewPrivs"] == "1"
+        assert st["Seccomp"] == "2"  # QEMU's -sandbox filter
+        for ns in NAMESPACES:
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+    assert uids["a"] != uids["b"]
+    assert os.readlink(f"/proc/{pids['a']}/ns/mnt") != os.readlink(f"/proc/{pids['b']}/ns/mnt")
+    listed = subprocess.run([sys.executable, "-m", "alacrity.cli", "vm", "list"], env=lab.daemon.env,
+                            capture_output=True, text=True, timeout=30).stdout
+    assert re.search(rf"^a\s+pid \d+\s+uid {uids['a']}\s", listed, re.M), listed
+
+
+def test_the_jails_root_holds_only_what_qemu_needs(lab):
+    pid = lab.qemu("a")
+    root = f"/proc/{pid}/root"
+    binary = jail.qemu_binary("qemu-system-x86_64")
+    allowed_files = {binary, str(lab.image.kernel.resolve()), str(lab.image.initrd.resolve()),
+                     *(os.path.realpath(lib) for lib in jail.shared_libraries(binary))}
+    allowed_trees = [p for p in jail.QEMU_DATA if os.path.exists(p)]
+    own_dir = str(lab.root / "vms" / "a" / "qemu")
+    sockets = {str(lab.daemon.run_dir / "devices" / f"{d}.sock") for d in ("d1", "lan0")}
+    found, stray = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            inside = os.path.join(dirpath, name)[len(root):]
+            found.append(inside)
+            mode = os.lstat(os.path.join(dirpath, name)).st_mode
+            if os.path.islink(os.path.join(dirpath, name)):
+                continue  # a link on the way to a library (merged /usr), resolved below
+            ok = (inside in allowed_files or inside in sockets or inside.startswith(own_dir + "/")
+                  or any(inside.startswith(t + "/") or inside == t for t in allowed_trees)
+                  or inside in ("/dev/null", "/dev/urandom", "/dev/kvm")
+                  or os.path.realpath(inside) in allowed_files)
+            if not ok:
+                stray.append(f"{inside} ({oct(mode)})")
+    assert not stray, f"the jail holds more than QEMU needs: {stray}"
+    for needed in [binary, *sockets, "/dev/null", "/dev/urandom"]:
+        assert needed in found, f"{needed} missing from the jail"
+    assert str(lab.daemon.run_dir / "devices" / "d2.sock") not in found  # the other bus's disk
+    assert not os.path.exists(f"{root}/proc/1") and not os.path.exists(f"{root}/etc/shadow")
+    # Read-only everywhere but QEMU's own directory.
+    mounts = Path(f"/proc/{pid}/mounts").read_text().splitlines()
+    for line in mounts:
+        _dev, where, _fs, options = line.split()[:4]
+        writable = "rw" in options.split(",")
+        assert writable == (where == own_dir), line
+
+
+#: Run as root: enters a jailed QEMU's namespaces, forks (into its pid namespace), takes its
+#: uid and gid with no groups, no capabilities and no_new_privs, and tries to get out.
+ESCAPE = r"""
+import ctypes, json, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid, uid, t = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+for ns in ("ipc", "uts", "net", "pid", "mnt"):
+    fd = os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY)
+    if libc.setns(fd, 0) != 0:
+        sys.exit(f"setns {ns}: {os.strerror(ctypes.get_errno())}")
+r, w = os.pipe()
+child = os.fork()
+if child:
+    os.close(w)
+    out = os.read(r, 1 << 20)
+    os.waitpid(child, 0)
+    print(out.decode())
+    sys.exit(0)
+os.close(r)
+os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
+libc.prctl(38, 1, 0, 0, 0)
+results = {}
+
+def check(rc):
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+def connect_unix(path):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(2); s.connect(path)
+
+def connect_tcp(addr):
+    with socket.socket() as s:
+        s.settimeout(2); s.connect(tuple(addr))
+
+def attempt(name, fn):
+    try:
+        fn()
+        results[name] = "SUCCEEDED"
+    except OSError as exc:
+        results[name] = f"refused: {exc.strerror or exc}"
+
+attempt("read /etc/shadow", lambda: open("/etc/shadow", "rb").read(1))
+attempt("list host processes in /proc", lambda: os.listdir("/proc"))
+attempt("signal the daemon by pid", lambda: os.kill(t["daemon"], 0))
+attempt("mount a proc to see processes",
+        lambda: check(libc.mount(b"proc", t["own"].encode(), b"proc", 0, None)))
+attempt("open another bus's disk socket", lambda: connect_unix(t["other_disk"]))
+attempt("reach the control socket", lambda: connect_unix(t["control"]))
+attempt("write the admin tree", lambda: open(t["members"], "w").write("1\n"))
+attempt("open /dev/mem", lambda: open("/dev/mem", "rb"))
+attempt("make a /dev/mem node", lambda: os.mknod(t["own"] + "/mem", 0o20600, os.makedev(1, 1)))
+attempt("reach the host on loopback", lambda: connect_tcp(t["listener"]))
+attempt("reach any network address", lambda: connect_tcp(["192.0.2.1", 80]))
+attempt("ptrace the other VM's QEMU", lambda: check(libc.ptrace(16, t["other_qemu"], 0, 0)))
+attempt("signal the other VM's QEMU", lambda: os.kill(t["other_qemu"], 0))
+attempt("become root", lambda: os.setuid(0))
+attempt("chroot out", lambda: os.chroot("/usr"))
+attempt("write the jail's root", lambda: open("/escape", "w"))
+attempt("overwrite the kernel", lambda: open(t["kernel"], "r+b"))
+attempt("overwrite QEMU", lambda: open(t["qemu"], "r+b"))
+os.write(w, json.dumps(results).encode())
+os._exit(0)
+"""
+
+
+def test_a_guest_escape_gets_nowhere(lab, tmp_path):
+    pid_a, pid_b = lab.qemu("a"), lab.qemu("b")
+    uid = int(status_of(pid_a)["Uid"].split()[0])
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        targets = {
+            "daemon": lab.daemon.proc.pid, "other_qemu": pid_b,
+            "own": str(lab.root / "vms" / "a" / "qemu"),
+            "other_disk": str(lab.daemon.run_dir / "devices" / "d2.sock"),
+            "control": str(lab.daemon.run_dir / "control.sock"),
+            "members": str(lab.daemon.admin / "buses" / "j1" / "members"),
+            "listener": list(listener.getsockname()),
+            "kernel": str(lab.image.kernel.resolve()), "qemu": jail.qemu_binary("qemu-system-x86_64"),
+        }
+        out = subprocess.run([sys.executable, "-c", ESCAPE, str(pid_a), str(uid), json.dumps(targets)],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout)
+    assert len(results) == 18, results
+    succeeded = {k: v for k, v in results.items() if v == "SUCCEEDED"}
+    assert not succeeded, f"{len(succeeded)} of {len(results)} escape attempts succeeded: {succeeded}"
+    # The guest is still fine: the attempts hurt nothing.
+    assert lab.vms["a"].poll() is None
+
+
+def test_uids_are_per_vm_and_free_again_after_stop(lab):
+    uid_a = int(status_of(lab.qemu("a"))["Uid"].split()[0])
+    uid_b = int(status_of(lab.qemu("b"))["Uid"].split()[0])
+    assert uid_a != uid_b
+    lab.stop_vm("a")
+    wait_for("a's uid to be free", lambda: uid_a not in uids_running(), timeout=30)
+    lab.run_vm("c", "j1")
+    assert int(status_of(lab.qemu("c"))["Uid"].split()[0]) == uid_a
