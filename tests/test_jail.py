@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +21,7 @@ import pytest
 from alacrity.vm import jail
 from alacrity.vm.runtime import list_vms
 from tests.conftest import Daemon, fuse_available, need
+from tests.test_gate_attacks import AS_NOBODY, PLAIN_PYTHON, searchable_by_others
 
 pytestmark = pytest.mark.vm
 
@@ -153,6 +156,7 @@ def test_the_jails_root_holds_only_what_qemu_needs(lab):
     allowed_trees = [p for p in jail.QEMU_DATA if os.path.exists(p)]
     own_dir = str(lab.root / "vms" / "a" / "qemu")
     sockets = {str(lab.daemon.run_dir / "devices" / f"{d}.sock") for d in ("d1", "lan0")}
+    real_sockets = {os.path.realpath(s) for s in sockets}  # each in a directory of its own
     found, stray = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
@@ -161,7 +165,7 @@ def test_the_jails_root_holds_only_what_qemu_needs(lab):
             mode = os.lstat(os.path.join(dirpath, name)).st_mode
             if os.path.islink(os.path.join(dirpath, name)):
                 continue  # a link on the way to a library (merged /usr), resolved below
-            ok = (inside in allowed_files or inside in sockets or inside.startswith(own_dir + "/")
+            ok = (inside in allowed_files or inside in real_sockets or inside.startswith(own_dir + "/")
                   or any(inside.startswith(t + "/") or inside == t for t in allowed_trees)
                   or inside in ("/dev/null", "/dev/urandom", "/dev/kvm")
                   or os.path.realpath(inside) in allowed_files)
@@ -280,3 +284,71 @@ def test_uids_are_per_vm_and_free_again_after_stop(lab):
     wait_for("a's uid to be free", lambda: uid_a not in uids_running(), timeout=30)
     lab.run_vm("c", "j1")
     assert int(status_of(lab.qemu("c"))["Uid"].split()[0]) == uid_a
+
+
+def as_nobody(lab: Lab, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """argv prefix and env for `alacrity` run by `nobody`: a plain Python, our package
+    copied where nobody can read it, the daemon's sockets reachable, a runtime dir of its own."""
+    nobody = pwd.getpwnam("nobody")
+    pkg = tmp_path / "pkg"
+    shutil.copytree(Path(jail.__file__).parents[1], pkg / "alacrity",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    guest = tmp_path / "guest"  # the cached image may be below root's home
+    guest.mkdir()
+    shutil.copy(lab.image.kernel, guest / "vmlinuz")
+    shutil.copy(lab.image.initrd, guest / "initrd.img")
+    subprocess.run(["chmod", "-R", "a+rX", str(pkg), str(guest)], check=True)
+    searchable_by_others(tmp_path)
+    searchable_by_others(lab.daemon.run_dir)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(pkg), "HOME": str(home),
+           "ALACRITY_RUN_DIR": str(lab.daemon.run_dir), "ALACRITY_ADMIN": str(lab.daemon.admin),
+           "ALACRITY_VM_DIR": str(home / "vms")}
+    return [*AS_NOBODY, PLAIN_PYTHON, "-m", "alacrity.cli"], env
+
+
+def test_a_listed_user_runs_a_jailed_guest_without_sudo(lab, tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    alacrity, env = as_nobody(lab, tmp_path)
+    lab.daemon.make_disk("du", "ju", lab.root / "du.img")
+    log = Path(env["HOME"]) / "console.log"
+    run = [*alacrity, "vm", "run", "--bus", "ju", "--name", "mine", "--log", str(log),
+           "--kernel", str(tmp_path / "guest/vmlinuz"), "--initrd", str(tmp_path / "guest/initrd.img")]
+
+    refused = subprocess.run([*run, "--cmd", "true"], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "may not join bus 'ju'" in refused.stderr and "buses/ju/users" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+    lab.daemon.sh("echo nobody > $A/buses/ju/users")
+    assert (lab.daemon.admin / "buses/ju/users").read_text() == "nobody\n"
+    unjailed = subprocess.run([*run, "--no-jail", "--cmd", "true"], env=env, capture_output=True, text=True,
+                              timeout=60)
+    assert unjailed.returncode == 2 and "only root" in unjailed.stderr, unjailed.stderr
+
+    guest = subprocess.Popen([*run, "--cmd", "sleep 600"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for("nobody's guest to boot", lambda: (log.exists() and b"ALACRITY-READY" in log.read_bytes())
+                 or (guest.poll() is not None and AssertionError(guest.stderr.read())))
+        assert guest.poll() is None, guest.stderr.read()
+        rec = next(r for r in list_vms(Path(env["ALACRITY_VM_DIR"]), prune=False) if r.name == "mine")
+        qemu = jail.jailed_pid(rec.pid)
+        st = status_of(qemu)
+        assert st["Uid"].split() == [str(nobody.pw_uid)] * 4
+        assert int(st["CapEff"], 16) == int(st["CapBnd"], 16) == 0
+        assert st["NoNewPrivs"] == "1" and st["Seccomp"] == "2"
+        for ns in (*NAMESPACES, "user"):
+            assert os.readlink(f"/proc/{qemu}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+        assert not os.path.exists(f"/proc/{qemu}/root/etc/shadow")
+        assert os.path.exists(f"/proc/{qemu}/root{lab.daemon.run_dir}/devices/du.sock")
+        stop = subprocess.run([*alacrity, "vm", "stop", "mine"], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        guest.wait(30)
+    finally:
+        if guest.poll() is None:
+            os.killpg(guest.pid, signal.SIGKILL)
+            guest.wait()

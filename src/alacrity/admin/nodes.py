@@ -13,7 +13,7 @@ from alacrity.bus.model import Model
 from alacrity.devices.base import Device
 from alacrity.errors import AdminError, invalid
 
-BUS_FILES = ("members", "devices", "state", "connections")
+BUS_FILES = ("members", "users", "devices", "state", "connections")
 TOP = ("classes", "devices", "buses")
 
 
@@ -153,6 +153,8 @@ def _bus_node(model: Model, rest: list[str]) -> Node:
             read=lambda: _lines([str(p) for p in model.members(bus)]),
             write=lambda text: write_members(model, bus, text),
         )
+    if leaf == "users":
+        return Node("file", read=lambda: model.users(bus), write=lambda text: model.set_users(bus, text))
     if leaf == "devices":
         return Node("file", read=lambda: _lines(sorted(model.links(bus).values())))
     if leaf == "state":

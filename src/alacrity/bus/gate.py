@@ -130,7 +130,7 @@ class Gate:
         for control in list(self.controls.values()):
             self._close_control(control)
         for name in list(self.listeners):
-            self.remove_device(name)
+            self.remove_device(name, forget=False)  # jailed QEMUs keep its directory bound
         self.control.close()
         self.status.close()
 
@@ -149,7 +149,14 @@ class Gate:
         return sock
 
     def socket_path(self, device: str) -> Path:
+        """Where clients connect: DEVICE.sock, a link to the socket in the device's own
+        directory, .DEVICE/sock (no device name starts with a dot). A jailed QEMU has that
+        directory bound into its jail: when the daemon restarts and makes a new socket
+        there, the jail sees it and QEMU reconnects."""
         return self.device_dir / f"{device}.sock"
+
+    def _socket_dir(self, device: str) -> Path:
+        return self.device_dir / f".{device}"
 
     # -- model events: device sockets follow the typed devices
     def on_model_event(self, event: str, name: str) -> None:
@@ -162,13 +169,20 @@ class Gate:
         with self.lock:
             if name in self.listeners:
                 return
-            sock = self._listen(self.socket_path(name))
+            folder, link = self._socket_dir(name), self.socket_path(name)
+            folder.mkdir(mode=0o711, exist_ok=True)
+            sock = self._listen(folder / "sock")
+            if not link.is_symlink():
+                link.unlink(missing_ok=True)  # a socket from before sockets had directories
+                link.symlink_to(f"{folder.name}/sock")
             self.listeners[name] = sock
             if not self._accept_paused():
                 self.selector.register(sock, selectors.EVENT_READ, ("listen", name))
         self._wake()
 
-    def remove_device(self, name: str) -> None:
+    def remove_device(self, name: str, forget: bool = True) -> None:
+        """Close the device's socket; with `forget` (the device is gone, not the daemon
+        stopping) its link and directory go too."""
         with self.lock:
             sock = self.listeners.pop(name, None)
             if sock is None:
@@ -176,7 +190,12 @@ class Gate:
             if sock.fileno() in self.selector.get_map():
                 self.selector.unregister(sock)
             sock.close()
-            self.socket_path(name).unlink(missing_ok=True)
+            folder = self._socket_dir(name)
+            (folder / "sock").unlink(missing_ok=True)
+            if forget:
+                self.socket_path(name).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     # -- the loop
     def _loop(self) -> None:
@@ -438,7 +457,36 @@ class Gate:
                 raise TypeError
         except (ValueError, KeyError, TypeError, RecursionError):
             return {"error": 'bad request: send {"op": "devices"} or {"op": "whoami"}'}
-        return self._answer(op, peer, self.model.bus_of_chain(peer.chain))
+        bus = self.model.bus_of_chain(peer.chain)
+        if op == "join":
+            return self._join_op(peer, bus, request.get("bus"))
+        return self._answer(op, peer, bus)
+
+    def _join_op(self, peer: Peer, current: str | None, bus: object) -> dict:
+        """Admit the asker to `bus` if root or the bus's `users` list it (by uid or group)."""
+        if not isinstance(bus, str):
+            return {"error": 'bad request: send {"op": "join", "bus": "BUS"}'}
+        if current == bus:
+            return {"bus": bus}
+        if current is not None:
+            return {"error": f"this process is already in bus {current!r}; a task belongs to one bus"}
+        try:
+            # A missing bus is refused like a closed one, so users cannot probe bus names.
+            allowed = peer.uid == 0 or (bus in self.model.bus_names()
+                                        and self.model.may_join(bus, peer.uid, peer.gids))
+            if not allowed:
+                why = (f"uid {peer.uid} may not join bus {bus!r}: root lists the users and groups who "
+                       f"may in buses/{bus}/users")
+                with self.lock:
+                    self._log_refusal(f"join {bus}", peer, why)
+                return {"error": why}
+            self.model.admit(bus, peer.pid)
+        except AdminError as exc:
+            if exc.errno == errno.ENOENT:
+                return {"error": f"no bus {bus!r}: root creates it with 'mkdir /run/alacrity/buses/{bus}'"}
+            return {"error": f"cannot join bus {bus!r}: {exc.message}"}
+        log.info("pid %d (uid %d) joined bus %s", peer.pid, peer.uid, bus)
+        return {"bus": bus}
 
     def _answer(self, op: str, peer: Peer, bus: str | None) -> dict:
         if op == "whoami":
@@ -450,7 +498,8 @@ class Gate:
         if op == "lease":
             return self._lease_op(peer, bus)
         if op not in ("devices", "check"):
-            return {"error": f"unknown op {op!r}: use devices, check, lease, refusals, status or whoami"}
+            return {"error": f"unknown op {op!r}: use devices, check, join, lease, refusals, status or "
+                    "whoami"}
         if bus is None:
             with self.lock:  # connection threads count refusals too
                 self.refusals += 1

@@ -25,6 +25,10 @@ from alacrity.bus import peers
 log = logging.getLogger("alacrity.gate")
 
 SO_PEERPIDFD = 77  # Linux 6.5+; not yet named by Python 3.11's socket module
+SO_PEERGROUPS = 59  # Linux 4.13+: the peer's supplementary groups at connect time
+#: Groups read per peer: Python's getsockopt buffer is at most 1024 bytes. A peer in more
+#: groups is judged by its primary group and these (a refusal at worst, never a wrong yes).
+MAX_PEER_GROUPS = 256
 
 
 class IdentityError(Exception):
@@ -38,6 +42,7 @@ class Peer:
     start_time: int
     ident: int | None  # pidfs inode of the connecting process, where the kernel has pidfs
     chain: tuple[peers.Task, ...]  # the peer and its ancestors, at most peers.MAX_DEPTH
+    gids: tuple[int, ...] = ()  # primary and supplementary groups, as at connect time
 
 
 _warned_no_pidfd = False
@@ -54,9 +59,10 @@ def peer_uid(sock: socket.socket) -> int | None:
 def identify(sock: socket.socket) -> Peer:
     """The process that connected `sock`. Raises IdentityError."""
     try:
-        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     except OSError as exc:
         raise IdentityError(f"no peer credentials: {exc.strerror}") from None
+    gids = (gid, *peer_groups(sock))
     try:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError as exc:
@@ -66,7 +72,7 @@ def identify(sock: socket.socket) -> Peer:
             raise IdentityError(f"no pidfd for the peer: {exc.strerror}") from None
         pidfd = _pidfd_by_pid(pid)
     try:
-        return _resolve(pidfd, uid)
+        return _resolve(pidfd, uid, gids)
     except OSError as exc:
         raise IdentityError(f"cannot read the peer's identity: {exc.strerror}") from None
     finally:
@@ -86,7 +92,16 @@ def _pidfd_by_pid(pid: int) -> int:
         raise IdentityError(f"pid {pid} is not a live process: {exc.strerror}") from None
 
 
-def _resolve(pidfd: int, uid: int) -> Peer:
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups (fixed at connect time); () where unknown."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
+    except OSError:
+        return ()
+    return struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+
+
+def _resolve(pidfd: int, uid: int, gids: tuple[int, ...] = ()) -> Peer:
     pid = peers.pidfd_pid(pidfd)
     if pid is None:
         raise IdentityError("the connecting process has exited")
@@ -97,4 +112,4 @@ def _resolve(pidfd: int, uid: int) -> Peer:
     # /proc was read by pid: it described the peer only if the pidfd still names that pid.
     if peers.pidfd_pid(pidfd) != pid:
         raise IdentityError(f"the connecting process {pid} exited while it was checked")
-    return Peer(pid, uid, me.start_time, peers.inode_of(pidfd), tuple(chain))
+    return Peer(pid, uid, me.start_time, peers.inode_of(pidfd), tuple(chain), gids)

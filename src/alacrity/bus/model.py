@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from alacrity.bus import peers
+from alacrity.bus import users as users_attr
 from alacrity.bus.store import Store
 from alacrity.devices import CLASSES
 from alacrity.devices.base import Device
@@ -63,6 +64,7 @@ class BusEntry:
     name: str
     links: dict[str, str] = field(default_factory=dict)  # link name -> device name
     members: dict[int, Member] = field(default_factory=dict)  # by pid
+    users: list[users_attr.Entry] = field(default_factory=list)  # who may join by themselves
 
 
 def check_name(kind: str, name: str) -> None:
@@ -115,6 +117,8 @@ class Model:
             self._buses[bus].links[link_name] = device
         for bus, pid, start, ident in snap.members:
             self._buses[bus].members[pid] = Member(start, ident)
+        for bus, entries in snap.users.items():
+            self._buses[bus].users = list(entries)
 
     def _save(self, write: Callable[[], None]) -> None:
         try:
@@ -341,6 +345,25 @@ class Model:
                 for link, name in sorted(entry.links.items())
                 if (dev := self._devices.get(name)) is not None and dev.instance is not None
             ]
+
+    # ---- who may join
+
+    def users(self, bus: str) -> str:
+        with self.lock:
+            return users_attr.render(self._bus(bus).users)
+
+    def set_users(self, bus: str, text: str) -> None:
+        """Replace the bus's `users` (names resolved now, outside the lock: NSS may be slow)."""
+        entries = users_attr.parse(text, f"buses/{bus}/users")
+        with self.lock:
+            entry = self._bus(bus)
+            self._save(lambda: self.store.save_users(bus, entries))
+            entry.users = entries
+        self._notify([("bus_changed", bus)])
+
+    def may_join(self, bus: str, uid: int, gids: tuple[int, ...]) -> bool:
+        with self.lock:
+            return uid == 0 or users_attr.allows(self._bus(bus).users, uid, gids)
 
     # ---- members
 

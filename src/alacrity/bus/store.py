@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS devices (
     class TEXT,
     attrs TEXT NOT NULL DEFAULT '{}'
 );
-CREATE TABLE IF NOT EXISTS buses (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS buses (name TEXT PRIMARY KEY, users TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS links (
     bus TEXT NOT NULL REFERENCES buses(name),
     link_name TEXT NOT NULL,
@@ -57,6 +57,7 @@ class Snapshot:
     buses: list[str]
     links: list[tuple[str, str, str]]  # (bus, link_name, device)
     members: list[tuple[str, int, int, int | None]]  # (bus, pid, start_time, pidfs inode)
+    users: dict[str, list[tuple[str, int, str]]] = field(default_factory=dict)  # bus -> its users
 
 
 class Store:
@@ -77,6 +78,9 @@ class Store:
             columns = [row[1] for row in cur.execute("PRAGMA table_info(members)")]
             if "ident" not in columns:  # databases written before pidfs identities
                 cur.execute("ALTER TABLE members ADD COLUMN ident INTEGER")
+            columns = [row[1] for row in cur.execute("PRAGMA table_info(buses)")]
+            if "users" not in columns:  # databases written before buses had users
+                cur.execute("ALTER TABLE buses ADD COLUMN users TEXT NOT NULL DEFAULT '[]'")
             cur.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._forget_other_boots(peers.boot_id() if boot_id is None else boot_id)
 
@@ -109,10 +113,12 @@ class Store:
                 StoredDevice(name, cls, json.loads(attrs))
                 for name, cls, attrs in cur.execute("SELECT name, class, attrs FROM devices ORDER BY name")
             ]
-            buses = [r[0] for r in cur.execute("SELECT name FROM buses ORDER BY name")]
+            rows = list(cur.execute("SELECT name, users FROM buses ORDER BY name"))
+            buses = [name for name, _ in rows]
+            users = {name: [tuple(e) for e in json.loads(text)] for name, text in rows if text != "[]"}
             links = list(cur.execute("SELECT bus, link_name, device FROM links ORDER BY bus"))
             members = list(cur.execute("SELECT bus, pid, start_time, ident FROM members ORDER BY bus"))
-        return Snapshot(devices, buses, links, members)
+        return Snapshot(devices, buses, links, members, users)  # type: ignore[arg-type]
 
     def add_device(self, name: str) -> None:
         with self.transaction() as cur:
@@ -137,6 +143,10 @@ class Store:
         with self.transaction() as cur:
             cur.execute("DELETE FROM members WHERE bus=?", (name,))
             cur.execute("DELETE FROM buses WHERE name=?", (name,))
+
+    def save_users(self, bus: str, users: list[tuple[str, int, str]]) -> None:
+        with self.transaction() as cur:
+            cur.execute("UPDATE buses SET users=? WHERE name=?", (json.dumps(users), bus))
 
     def add_link(self, bus: str, link_name: str, device: str) -> None:
         with self.transaction() as cur:

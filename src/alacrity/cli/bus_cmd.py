@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 from pathlib import Path
 
@@ -13,28 +12,15 @@ from alacrity.cli.errors import UserError
 ADMIN_TREE = Path(os.environ.get("ALACRITY_ADMIN", "/run/alacrity"))
 
 
-def join(bus: str, pid: int | None = None) -> None:
-    """Make `pid` (default: this process) a member of `bus`, unless it already is one."""
-    pid = pid or os.getpid()
+def join(bus: str) -> None:
+    """Make this process a member of `bus` (its children inherit it), unless it already is
+    one: the gate admits root, and users and groups the bus's `users` attribute lists."""
     try:
-        current = client.ask(client.DEFAULT_RUN_DIR, {"op": "whoami"}).get("bus")
+        reply = client.ask(client.DEFAULT_RUN_DIR, {"op": "join", "bus": bus})
     except client.GateError as exc:
         raise UserError(str(exc)) from None
-    if current == bus:
-        return
-    if current is not None:
-        raise UserError(f"this process is already in bus {current!r}; a task belongs to one bus")
-    members = ADMIN_TREE / "buses" / bus / "members"
-    try:
-        members.write_text(f"{pid}\n")
-    except FileNotFoundError:
-        raise UserError(f"no bus {bus!r}: root creates it with 'mkdir {ADMIN_TREE}/buses/{bus}'") from None
-    except PermissionError:
-        raise UserError(f"only root may join bus {bus!r}; ask root to 'echo {pid} > {members}'") from None
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise UserError(f"this process already belongs to another bus ({exc.strerror})") from None
-        raise UserError(f"cannot join bus {bus!r}: {exc.strerror}") from None
+    if "error" in reply:
+        raise UserError(reply["error"])
 
 
 def dispatch(args: argparse.Namespace) -> int:

@@ -57,10 +57,13 @@ CGROUP_PARENT = "alacrity"
 QEMU_OVERHEAD_MIB = 256
 
 _libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
-CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+#: statvfs flags of a mount -> the mount flags that keep them (a user namespace may not
+#: clear a flag locked on the mount it binds).
+_KEPT_FLAGS = {1: MS_RDONLY, 2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: 1024, 2048: 2048, 4096: 1 << 21}
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 
@@ -77,12 +80,16 @@ class JailSpec:
     root: str  # an empty directory: the jail's tmpfs is mounted there, in the jail only
     writable: str  # QEMU's own directory (qmp.sock, the console log), owned by `uid`
     read_only: list[str] = field(default_factory=list)  # files and directories, same paths inside
-    sockets: list[str] = field(default_factory=list)  # the device sockets, same paths inside
+    sockets: list[str] = field(default_factory=list)  # the device sockets (by their directories)
     devices: list[str] = field(default_factory=lambda: ["null", "urandom"])
     hostname: str = "alacrity"
     mem_mib: int = 512
     cpus: int = 1
     cgroup: str = ""  # the VM's cgroup directory, or "" where the host has none to give
+    # Set up by a user who is not root: the namespaces are made inside a new user namespace
+    # that maps only the user's own uid and gid, which QEMU then keeps (the range's ids
+    # are root's to give); device nodes are bound from the host, as mknod is root's.
+    user_namespace: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -208,7 +215,7 @@ def _place(root: str, path: str) -> str:
     return root + host
 
 
-def _bind(root: str, path: str, read_only: bool) -> None:
+def _bind(root: str, path: str, read_only: bool, device: bool = False) -> None:
     inside = _place(root, path)
     st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
@@ -216,7 +223,9 @@ def _bind(root: str, path: str, read_only: bool) -> None:
     elif not os.path.lexists(inside):
         os.close(os.open(inside, os.O_CREAT | os.O_WRONLY, 0o600))
     _mount(path, inside, None, MS_BIND | MS_REC)
-    flags = MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+    kept = os.statvfs(path).f_flag
+    flags = MS_BIND | MS_REMOUNT | MS_NOSUID | (0 if device else MS_NODEV) | (MS_RDONLY if read_only else 0)
+    flags |= sum(ms for st_flag, ms in _KEPT_FLAGS.items() if kept & st_flag)
     _mount(None, inside, None, flags)
 
 
@@ -228,10 +237,18 @@ def build_root(spec: JailSpec) -> None:
     for path in spec.read_only:
         _bind(root, path, read_only=True)
     for path in spec.sockets:
-        _bind(root, path, read_only=True)  # a read-only mount still lets a socket be connected
+        # The socket's directory is bound, not the socket: a daemon restart makes a new
+        # socket there, which the jail must see. A read-only mount still lets a socket be
+        # connected. The link the command line names (DEVICE.sock) is copied as a link.
+        real = os.path.realpath(path)
+        _bind(root, os.path.dirname(real), read_only=True)
+        _place(root, path)
     _bind(root, spec.writable, read_only=False)
     os.makedirs(f"{root}/dev", 0o755, exist_ok=True)
     for name in spec.devices:
+        if spec.user_namespace:
+            _bind(root, f"/dev/{name}", read_only=False, device=True)
+            continue
         major, minor, mode = DEVICES[name]
         node = f"{root}/dev/{name}"
         os.mknod(node, stat.S_IFCHR | mode, os.makedev(major, minor))
@@ -252,7 +269,8 @@ def _enter(spec: JailSpec) -> None:
 def _drop_privileges(spec: JailSpec, last_cap: int) -> None:
     for cap in range(last_cap + 1):
         _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), "drop capabilities")
-    os.setgroups([])
+    if not spec.user_namespace:  # there, setgroups is denied and the user's groups stay
+        os.setgroups([])
     os.setresgid(spec.uid, spec.uid, spec.uid)
     os.setresuid(spec.uid, spec.uid, spec.uid)  # with no uid 0 left, every capability goes
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")
@@ -260,7 +278,8 @@ def _drop_privileges(spec: JailSpec, last_cap: int) -> None:
 
 def _limits(spec: JailSpec) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-    resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
+    if not spec.user_namespace:  # it counts every process of the uid: the user's own too
+        resource.setrlimit(resource.RLIMIT_NPROC, (NPROC, NPROC))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if spec.cgroup:
         Path(spec.cgroup, "cgroup.procs").write_text("0\n")  # this process
@@ -284,10 +303,25 @@ def child(spec: JailSpec, argv: list[str]) -> None:
     os._exit(JAIL_FAILED)
 
 
+def _map_own_ids() -> None:
+    """In a new user namespace: the user's uid and gid map to themselves, nothing else."""
+    uid, gid = os.getuid(), os.getgid()
+    Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1\n")
+    Path("/proc/self/setgroups").write_text("deny\n")
+    Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1\n")
+
+
 def run(spec: JailSpec, argv: list[str]) -> int:
     """Unshare, fork the jailed QEMU and wait for it; its exit status (128+N for signal N)."""
-    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET),
-           "unshare the namespaces")
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
+    if spec.user_namespace:
+        ids = (os.getuid(), os.getgid())
+        _check(_libc.unshare(CLONE_NEWUSER | flags), "unshare the namespaces (with a user namespace)")
+        _map_own_ids()
+        if (os.getuid(), os.getgid()) != ids:
+            raise JailError("the user namespace did not map our own ids")
+    else:
+        _check(_libc.unshare(flags), "unshare the namespaces")
     pid = os.fork()
     if pid == 0:
         child(spec, argv)

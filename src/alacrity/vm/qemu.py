@@ -63,8 +63,9 @@ class VmSpec:
     ip: str | None = None  # ADDR/PREFIX for eth0
     gw: str | None = None
     run_dir: Path | None = None  # default: runtime_root() / name
-    # The uid (and gid) QEMU runs as in a jail of its own (vm/jail.py); None runs it as
-    # the caller, unjailed (`vm run --no-jail`, and tests that measure the bare QEMU).
+    # The uid (and gid) QEMU runs as in a jail of its own (vm/jail.py): one of the range's
+    # for root, the user's own for anyone else; None runs it as the caller, unjailed
+    # (`vm run --no-jail`, and tests that measure the bare QEMU).
     jail_uid: int | None = None
 
 
@@ -230,12 +231,14 @@ class VM:
                 raise VmError(f"{path} is not readable by others, so the guest's jail (uid {uid}) cannot "
                               f"read it: chmod o+r {path}")
         self.qemu_dir.mkdir(mode=0o700)
-        os.chown(self.qemu_dir, uid, uid)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.chown(self.qemu_dir, uid, uid)
         root = self.run_dir / "root"
         root.mkdir(mode=0o755)
         try:
             binary = jail.qemu_binary(cmd[0])
-            self.cgroup = jail.make_cgroup(spec.name, spec.mem_mib, spec.cpus)
+            self.cgroup = jail.make_cgroup(spec.name, spec.mem_mib, spec.cpus) if as_root else ""
             sandbox = jail.JailSpec(
                 uid=uid, root=str(root), writable=str(self.qemu_dir),
                 read_only=[binary, *jail.shared_libraries(binary),
@@ -243,7 +246,7 @@ class VM:
                            str(spec.initrd)],
                 sockets=jail.chardev_paths(cmd),
                 devices=["null", "urandom"] + (["kvm"] if self.accel.accel == "kvm" else []),
-                mem_mib=spec.mem_mib, cpus=spec.cpus, cgroup=self.cgroup)
+                mem_mib=spec.mem_mib, cpus=spec.cpus, cgroup=self.cgroup, user_namespace=not as_root)
         except (jail.JailError, OSError) as exc:
             raise VmError(f"cannot jail the guest: {exc}") from None
         return [sys.executable, "-m", "alacrity.vm.jail", sandbox.to_json(), "--", binary, *cmd[1:],
