@@ -4,6 +4,7 @@ with the jailed QEMU's uid and namespaces."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -352,3 +353,29 @@ def test_a_listed_user_runs_a_jailed_guest_without_sudo(lab, tmp_path):
         if guest.poll() is None:
             os.killpg(guest.pid, signal.SIGKILL)
             guest.wait()
+
+
+def test_users_are_checked_when_root_writes_them_and_survive_a_restart(tmp_path):
+    need(fuse_available(), "FUSE is not available (/dev/fuse or fusermount3 missing)")
+    need(os.geteuid() == 0, "alacrityd needs root")
+    d = Daemon(tmp_path, args=["--id-range", f"{ID_START}:{ID_COUNT}"])
+    d.env = {**os.environ, "ALACRITY_RUN_DIR": str(d.run_dir), "ALACRITY_ADMIN": str(d.admin)}
+    d.start()
+    try:
+        d.sh("mkdir $A/buses/lab")
+        users = d.admin / "buses/lab/users"
+        for bad, why in [("no-such-user-here", "no user named"), ("@no-such-group-here", "no group named"),
+                         ("root", "root's"), (str(ID_START + 3), "unprivileged id range"),
+                         ("a/b", "not a user name"), ("\u0663", "not a user name")]:
+            with pytest.raises(OSError) as refused:
+                users.write_text(bad + "\n")
+            assert refused.value.errno == errno.EINVAL, bad
+            assert why in d.log.read_text(), (bad, why)  # the daemon logs why
+            assert users.read_text() == ""
+        d.sh("echo 'nobody, @nogroup 4242' > $A/buses/lab/users")
+        assert users.read_text() == "nobody\n@nogroup\n4242\n"
+        d.stop()
+        d.start()
+        assert users.read_text() == "nobody\n@nogroup\n4242\n"
+    finally:
+        d.stop()
