@@ -12,7 +12,8 @@ plain unix socket. Runs alternate ours/qsd, `--rounds` times; medians are report
   notify/req             (client kicks + interrupts) / requests
 Guest side (TCG): one boot per run, `dd` of --guest-mib at 1 MiB, write with
 conv=fsync and read with iflag=direct, timed inside the guest with /proc/uptime
-(10 ms resolution; busybox date has no %N). Runs alternate ours / qsd / built-in.
+(10 ms resolution; busybox date has no %N). Runs rotate ours (jailed, as `vm run`
+does by default) / ours with --no-jail / qsd / built-in.
 
 Goals: host seq >= 0.8x qsd, host 4 KiB IOPS >= 0.5x qsd.
 Needs root, FUSE, qemu-storage-daemon and qemu-system-x86_64.
@@ -127,9 +128,11 @@ def guest_run(args, daemon: Daemon, qsd_sock: Path, image: Path, who: str, n: in
     guest = default_image(progress=False)
     cmd = GUEST_CMD.format(reps=args.guest_reps, mib=args.guest_mib)
     log = daemon.cleanup.root / f"console-{who}-{n}.log"
-    if who == "ours":
+    if who in ("ours", "unjailed"):
         argv = [sys.executable, *daemon.cli(), "vm", "run", "--bus", BUS, "--cmd", cmd,
                 "--log", str(log), "--kernel", str(guest.kernel), "--initrd", str(guest.initrd)]
+        if who == "unjailed":
+            argv.append("--no-jail")
     else:
         spec = VmSpec(name=f"bench-{who}-{n}", kernel=guest.kernel, initrd=guest.initrd, cmd=cmd,
                       console=str(log), run_dir=daemon.cleanup.root / "vms" / f"{who}-{n}")
@@ -164,10 +167,10 @@ def guest_run(args, daemon: Daemon, qsd_sock: Path, image: Path, who: str, n: in
 
 
 def run_guest(args, daemon: Daemon, qsd_sock: Path, image: Path) -> dict:
-    runs: dict[str, list] = {"ours": [], "qsd": [], "builtin": []}
+    runs: dict[str, list] = {"ours": [], "unjailed": [], "qsd": [], "builtin": []}
     for n in range(args.guest_rounds):
-        order = ["ours", "qsd", "builtin"]
-        order = order[n % 3:] + order[: n % 3]
+        order = ["ours", "unjailed", "qsd", "builtin"]
+        order = order[n % 4:] + order[: n % 4]
         for who in order:
             t = time.monotonic()
             res = guest_run(args, daemon, qsd_sock, image, who, n)
@@ -182,9 +185,12 @@ def summarize_guest(runs: dict) -> list[dict]:
     rows = []
     for key in ("write_mb_s", "read_mb_s"):
         row = {"test": f"guest dd {key[:-5]} 1M", "unit": "MB/s"}
-        for who in ("ours", "qsd", "builtin"):
+        for who in ("ours", "unjailed", "qsd", "builtin"):
             row[who] = median([r[key] for r in runs[who]])
             row[f"{who}_samples"] = len(runs[who])
+            row[f"{who}_spread"] = [min((r[key] for r in runs[who]), default=None),
+                                    max((r[key] for r in runs[who]), default=None)]
+        row["ratio_jail"] = ratio(row["ours"], row["unjailed"])
         row["ratio_qsd"] = ratio(row["ours"], row["qsd"])
         row["ratio_builtin"] = ratio(row["ours"], row["builtin"])
         rows.append(row)
@@ -246,12 +252,19 @@ def main() -> int:
         print(f"seq_write final flush: ours {fmt(sw.get('ours_flush_s'), 3)} s, "
               f"qsd {fmt(sw.get('qsd_flush_s'), 3)} s")
     if "guest" in result:
-        rows = [[r["test"], r["unit"], fmt(r["ours"]), fmt(r["qsd"]), fmt(r["builtin"]),
-                 fmt(r["ratio_qsd"], 2), fmt(r["ratio_builtin"], 2),
-                 f"{r['ours_samples']}/{r['qsd_samples']}/{r['builtin_samples']}"] for r in result["guest"]]
-        print_table(f"guest (TCG) dd of {args.guest_mib} MiB, medians",
-                    ["test", "unit", "ours", "qsd", "builtin", "ours/qsd", "ours/builtin",
-                     "samples"], rows)
+        def spread(r: dict, who: str) -> str:
+            low, high = r[f"{who}_spread"]
+            return f"{fmt(r[who])} [{fmt(low)}-{fmt(high)}]"
+
+        rows = [[r["test"], r["unit"], spread(r, "ours"), spread(r, "unjailed"), spread(r, "qsd"),
+                 spread(r, "builtin"), fmt(r["ratio_jail"], 2), fmt(r["ratio_qsd"], 2),
+                 fmt(r["ratio_builtin"], 2),
+                 f"{r['ours_samples']}/{r['unjailed_samples']}/{r['qsd_samples']}/{r['builtin_samples']}"]
+                for r in result["guest"]]
+        print_table(f"guest (TCG) dd of {args.guest_mib} MiB, median [min-max]; ours is jailed (vm run), "
+                    "unjailed is vm run --no-jail",
+                    ["test", "unit", "ours", "unjailed", "qsd", "builtin", "jailed/unjailed", "ours/qsd",
+                     "ours/builtin", "samples"], rows)
     rss = result["alacrityd_rss_kib"]
     print(f"\nalacrityd VmRSS: idle {rss['idle']} KiB, after {rss['after']} KiB")
     return 0

@@ -379,3 +379,18 @@ def test_users_are_checked_when_root_writes_them_and_survive_a_restart(tmp_path)
         assert users.read_text() == "nobody\n@nogroup\n4242\n"
     finally:
         d.stop()
+
+
+def test_cgroup_limits_follow_mem_and_cpus(tmp_path, monkeypatch):
+    """What make_cgroup writes, on a directory laid out as a cgroup v2 root (this host has
+    only a hybrid hierarchy, so the kernel's enforcement is not exercised here)."""
+    monkeypatch.setattr(jail, "CGROUP_ROOT", tmp_path)
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    group = Path(jail.make_cgroup("lab/vm 1", mem_mib=512, cpus=2))
+    assert group == tmp_path / "alacrity" / "lab_vm_1"
+    assert (group / "memory.max").read_text() == f"{(512 + jail.QEMU_OVERHEAD_MIB) << 20}\n"
+    assert (group / "cpu.max").read_text() == "200000 100000\n"
+    assert (group / "pids.max").read_text() == f"{jail.NPROC}\n"
+    assert (tmp_path / "alacrity" / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
+    (tmp_path / "cgroup.controllers").write_text("cpu io\n")  # no memory or pids controller
+    assert jail.make_cgroup("other", mem_mib=512, cpus=1) == ""

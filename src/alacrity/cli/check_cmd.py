@@ -41,7 +41,7 @@ builds, mounts and starts nothing, and needs no daemon.
   QEMU devices   what 'alacrity vm run' asks of QEMU: the microvm machine, vhost-user-blk,
                  virtio-net on a vhost-user netdev, memfd guest memory, socket chardevs
   FUSE           /dev/fuse (the real device), libfuse3 and fusermount3: the admin tree
-  cgroup v2      and its cpu, memory and pids controllers, which the VM jail will use
+  cgroup v2      and its cpu, memory and pids controllers, which the VM jail uses for limits
   id range       the uids alacrityd gives its unprivileged processes (--id-range) are
                  nobody else's: no account, group or subordinate range (/etc/subuid)
   guest image    the default guest (kernel + initramfs) is built, or can be
@@ -303,7 +303,7 @@ def check_cgroup() -> Result:
     v1 = [point for point, fstype in table if fstype == "cgroup"]
     fix = ("boot the host with cgroup v2 alone (systemd.unified_cgroup_hierarchy=1 on the kernel command "
            "line, the default since Debian 11); in a container, give it the host's cgroup v2")
-    why = "nothing needs them yet; the VM jail will limit each QEMU with them"
+    why = "without them jailed guests get rlimits but no memory.max, cpu.max or pids.max"
     if not v2:
         return Result(WARN, "cgroup v2", f"no cgroup v2 mounted ({why})", fix)
     root = "/sys/fs/cgroup" if "/sys/fs/cgroup" in v2 else v2[0]
