@@ -394,3 +394,25 @@ def test_cgroup_limits_follow_mem_and_cpus(tmp_path, monkeypatch):
     assert (tmp_path / "alacrity" / "cgroup.subtree_control").read_text() == "+memory +cpu +pids"
     (tmp_path / "cgroup.controllers").write_text("cpu io\n")  # no memory or pids controller
     assert jail.make_cgroup("other", mem_mib=512, cpus=1) == ""
+
+
+def test_a_jail_that_cannot_be_made_says_why_in_one_line(tmp_path, guest_image):
+    need(os.geteuid() == 0, "the jail needs root")
+    from alacrity.vm.qemu import VM, VmSpec
+    from alacrity.vm.runtime import VmError
+
+    missing = tmp_path / "gone" / "d.sock"
+    disk = ["-chardev", f"socket,id=c0,path={missing}", "-device", "vhost-user-blk-device,chardev=c0"]
+    spec = VmSpec(name="nojail", kernel=guest_image.kernel, initrd=guest_image.initrd, cmd="true",
+                  console=str(tmp_path / "console.log"), run_dir=tmp_path / "vm",
+                  jail_uid=ID_START + ID_COUNT - 1, devices=[disk])
+    vm = VM(spec)
+    try:
+        vm.start()
+        with pytest.raises(VmError) as failed:
+            vm.wait_exit(60)
+    finally:
+        vm.kill()
+    message = str(failed.value)
+    assert message.splitlines()[0].endswith("is the cause)"), message
+    assert str(missing.parent) in message.splitlines()[0] and "--no-jail" in message

@@ -294,6 +294,7 @@ class VM:
             if self.console.done.is_set() or self._proc().poll() is not None:
                 if self.console.ready.wait(0.5):
                     return
+                self._check_jail()
                 raise VmError(f"QEMU exited before the guest was ready{self._diagnostics()}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"guest not ready in {timeout}s{self._diagnostics()}")
@@ -313,6 +314,7 @@ class VM:
         self._cleanup()
         if self.console.exit_status is not None:
             return self.console.exit_status
+        self._check_jail()
         if self.spec.cmd is not None:
             raise VmError(f"guest ended without ALACRITY-EXIT (qemu {code}){self._diagnostics()}")
         return code
@@ -378,6 +380,20 @@ class VM:
         if self.proc is None:
             return None
         return jail.jailed_pid(self.proc.pid) if self.jailed else self.proc.pid
+
+    def _check_jail(self) -> None:
+        """VmError with the jailer's own line if the jail could not be set up."""
+        if not self.jailed or self.proc is None or self.proc.poll() != jail.JAIL_FAILED:
+            return
+        try:
+            lines = (self.run_dir / "qemu.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return
+        why = next((line for line in reversed(lines) if line.startswith("alacrity jail:")), None)
+        if why:
+            raise VmError(f"{why.removeprefix('alacrity jail: ')}: the guest's jail could not be set up "
+                          "(alacrity vm run --no-jail runs it unjailed, as root, to tell whether the jail "
+                          "is the cause)")
 
     def _diagnostics(self) -> str:
         try:
