@@ -416,3 +416,17 @@ def test_a_jail_that_cannot_be_made_says_why_in_one_line(tmp_path, guest_image):
     message = str(failed.value)
     assert message.splitlines()[0].endswith("is the cause)"), message
     assert str(missing.parent) in message.splitlines()[0] and "--no-jail" in message
+
+
+def test_a_killed_vm_run_leaves_no_jailed_qemu_behind(lab):
+    """vm run's death kills the jailer (PDEATHSIG), and the jailer's the jailed QEMU: the
+    uid change clears a parent-death signal, so the jail sets it again after it."""
+    lab.daemon.sh("mkdir $A/buses/jk")
+    lab.run_vm("k", "jk")
+    qemu = lab.qemu("k")
+    rec = next(r for r in list_vms(lab.root / "vms", prune=False) if r.name == "k")
+    lab.vms["k"].kill()  # SIGKILL to vm run alone, not its group
+    lab.vms.pop("k").wait()
+    wait_for("the jailer and QEMU to go", lambda: not any(
+        os.path.exists(f"/proc/{pid}") and status_of(pid).get("State", "Z").split()[0] not in "ZX"
+        for pid in (rec.pid, qemu)), timeout=15)

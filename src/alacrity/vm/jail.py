@@ -31,6 +31,7 @@ import json
 import os
 import re
 import resource
+import select
 import shutil
 import signal
 import stat
@@ -285,11 +286,19 @@ def _limits(spec: JailSpec) -> None:
         Path(spec.cgroup, "cgroup.procs").write_text("0\n")  # this process
 
 
-def child(spec: JailSpec, argv: list[str]) -> None:
+def _die_with(parent_alive: int) -> None:
+    """SIGKILL when the jailer dies. Set after the uid change, which clears it; the pipe
+    tells whether the jailer died before that (its write end closes with it)."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "set the parent-death signal")
+    if select.select([parent_alive], [], [], 0)[0]:
+        raise JailError("the jailer exited while the jail was being made")
+
+
+def child(spec: JailSpec, argv: list[str], parent_alive: int) -> None:
     """In the new namespaces, as pid 1: build the jail, enter it, become the VM's uid and
     execute QEMU. Never returns."""
     try:
-        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "set the parent-death signal")
+        _die_with(parent_alive)
         _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing we mount leaks to the host
         _check(_libc.sethostname(spec.hostname.encode(), len(spec.hostname)), "sethostname")
         _limits(spec)
@@ -297,6 +306,7 @@ def child(spec: JailSpec, argv: list[str]) -> None:
         build_root(spec)
         _enter(spec)
         _drop_privileges(spec, last_cap)
+        _die_with(parent_alive)
         os.execv(argv[0], argv)
     except (JailError, OSError, ValueError) as exc:
         print(f"alacrity jail: {exc}", file=sys.stderr, flush=True)
@@ -322,9 +332,12 @@ def run(spec: JailSpec, argv: list[str]) -> int:
             raise JailError("the user namespace did not map our own ids")
     else:
         _check(_libc.unshare(flags), "unshare the namespaces")
+    parent_alive, alive_w = os.pipe()  # both close on exec; alive_w closes when we exit
     pid = os.fork()
     if pid == 0:
-        child(spec, argv)
+        os.close(alive_w)
+        child(spec, argv, parent_alive)
+    os.close(parent_alive)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda n, _f: os.kill(pid, n))
     while True:
