@@ -249,8 +249,7 @@ class VM:
                 mem_mib=spec.mem_mib, cpus=spec.cpus, cgroup=self.cgroup, user_namespace=not as_root)
         except (jail.JailError, OSError) as exc:
             raise VmError(f"cannot jail the guest: {exc}") from None
-        return [sys.executable, "-m", "alacrity.vm.jail", sandbox.to_json(), "--", binary, *cmd[1:],
-                *jail.SANDBOX]
+        return jail.jailer_argv(sandbox, [binary, *cmd[1:], *jail.SANDBOX])
 
     def start(self) -> VM:
         if find_vm(self.spec.name, self.run_dir.parent) is not None:
