@@ -430,3 +430,34 @@ def test_a_killed_vm_run_leaves_no_jailed_qemu_behind(lab):
     wait_for("the jailer and QEMU to go", lambda: not any(
         os.path.exists(f"/proc/{pid}") and status_of(pid).get("State", "Z").split()[0] not in "ZX"
         for pid in (rec.pid, qemu)), timeout=15)
+
+
+def test_a_detached_vm_runs_on_after_vm_run_and_stays_on_its_bus(lab):
+    lab.daemon.sh("mkdir $A/buses/jd")
+    cli = [sys.executable, "-m", "alacrity.cli", "vm"]
+    image = ["--kernel", str(lab.image.kernel), "--initrd", str(lab.image.initrd)]
+    refused = subprocess.run([*cli, "run", "--bus", "jd", "--detach", "--no-jail", *image],
+                             env=lab.daemon.env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "leave out --no-jail" in refused.stderr, refused.stderr
+    started = subprocess.run([*cli, "run", "--bus", "jd", "--name", "det", "--detach", "--cmd", "sleep 600",
+                              *image], env=lab.daemon.env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert started.stdout == "det\n"
+        rec = next(r for r in list_vms(lab.root / "vms", prune=False) if r.name == "det")
+        qemu = jail.jailed_pid(rec.pid)
+        assert qemu is not None and status_of(qemu)["State"].split()[0] in "RS"
+        members = (lab.daemon.admin / "buses/jd/members").read_text().split()
+        assert str(rec.pid) in members  # the jailer itself: its starter has exited
+        assert b"ALACRITY-READY" in Path(rec.console).read_bytes()
+        listed = subprocess.run([*cli, "list"], env=lab.daemon.env, capture_output=True, text=True,
+                                timeout=30)
+        assert re.search(r"^det\s", listed.stdout, re.M), listed.stdout
+    finally:
+        stop = subprocess.run([*cli, "stop", "det"], env=lab.daemon.env, capture_output=True, text=True,
+                              timeout=60)
+    assert stop.returncode == 0, stop.stderr
+    wait_for("the detached VM to go", lambda: not os.path.exists(f"/proc/{qemu}") or
+             status_of(qemu)["State"].split()[0] in "ZX", timeout=30)
+    wait_for("its jailer to leave the bus", lambda: str(rec.pid) not in
+             (lab.daemon.admin / "buses/jd/members").read_text().split(), timeout=30)

@@ -459,16 +459,18 @@ class Gate:
             return {"error": 'bad request: send {"op": "devices"} or {"op": "whoami"}'}
         bus = self.model.bus_of_chain(peer.chain)
         if op == "join":
-            return self._join_op(peer, bus, request.get("bus"))
+            return self._join_op(peer, bus, request.get("bus"), request.get("own") is True)
         return self._answer(op, peer, bus)
 
-    def _join_op(self, peer: Peer, current: str | None, bus: object) -> dict:
-        """Admit the asker to `bus` if root or the bus's `users` list it (by uid or group)."""
+    def _join_op(self, peer: Peer, current: str | None, bus: object, own: bool) -> dict:
+        """Admit the asker to `bus` if root or the bus's `users` list it (by uid or group).
+        With `own`, a process already on the bus through an ancestor becomes a member
+        itself (so it stays one when the ancestor exits)."""
         if not isinstance(bus, str):
             return {"error": 'bad request: send {"op": "join", "bus": "BUS"}'}
-        if current == bus:
+        if current == bus and not own:
             return {"bus": bus}
-        if current is not None:
+        if current is not None and current != bus:
             return {"error": f"this process is already in bus {current!r}; a task belongs to one bus"}
         try:
             # A missing bus is refused like a closed one, so users cannot probe bus names.
@@ -480,7 +482,7 @@ class Gate:
                 with self.lock:
                     self._log_refusal(f"join {bus}", peer, why)
                 return {"error": why}
-            self.model.admit(bus, peer.pid)
+            self.model.admit(bus, peer.pid, own=own)
         except AdminError as exc:
             if exc.errno == errno.ENOENT:
                 return {"error": f"no bus {bus!r}: root creates it with 'mkdir /run/alacrity/buses/{bus}'"}

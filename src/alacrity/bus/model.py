@@ -367,7 +367,10 @@ class Model:
 
     # ---- members
 
-    def admit(self, bus: str, pid: int) -> None:
+    def admit(self, bus: str, pid: int, own: bool = False) -> None:
+        """Make `pid` a member of `bus`. A process on the bus through an ancestor is left
+        as it is, unless `own`: then it becomes a member itself, and stays one when that
+        ancestor exits (a detached VM's jailer)."""
         with self.lock:
             entry = self._bus(bus)
             task = peers.task(pid)
@@ -376,9 +379,9 @@ class Model:
             if pid == 1:
                 raise invalid("pid 1 would put every process on the bus; admit a child of it")
             current = self._bus_of_chain_locked(peers.ancestry(pid))
-            if current == bus:
+            if current == bus and (not own or pid in entry.members):
                 return
-            if current is not None:
+            if current is not None and current != bus:
                 raise busy(
                     f"process {pid} already belongs to bus {current!r}: "
                     f"echo -{pid} > buses/{current}/members first"

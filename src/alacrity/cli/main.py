@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "device on the bus: QEMU's copy of what it sends there)")
     run.add_argument("--append", default="", help="extra kernel command line")
     run.add_argument("--timeout", type=float, default=0, help="kill the VM after this many seconds")
+    run.add_argument("--detach", action="store_true",
+                     help="boot the guest, wait until it is ready, print its name and leave it running: "
+                     "its console goes to the bus's console device if it has one (alacrity vm console "
+                     "NAME), and to a log in its run directory (shown by 'alacrity vm list'); stop it "
+                     "with 'alacrity vm stop NAME'")
     run.add_argument("--no-jail", action="store_true",
                      help="run QEMU as root, unjailed, for debugging (root only). By default QEMU runs "
                      "as a uid of its own from alacrityd's --id-range, with no capabilities, "

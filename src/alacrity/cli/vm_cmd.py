@@ -82,6 +82,10 @@ def attach(devices: list[client.DeviceInfo], vm_name: str, machine_name: str,
     return attached, nics
 
 
+#: How long `vm run --detach` waits for the guest's ready line.
+DETACH_READY_S = 120.0
+
+
 def jail_for(bus: client.Bus, no_jail: bool) -> int | None:
     """The uid the guest's jail runs as, or None with --no-jail: for root, one of
     alacrityd's range that the gate reserves; for a user, the user's own."""
@@ -100,6 +104,15 @@ def jail_for(bus: client.Bus, no_jail: bool) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.detach and args.no_jail:
+        raise UserError("--detach needs the jail (a detached VM stays on the bus through its jailer): "
+                        "leave out --no-jail")
+    if args.detach and args.timeout:
+        raise UserError("--timeout kills a VM that vm run waits for; a detached VM runs until "
+                        "'alacrity vm stop NAME': leave out --timeout")
+    if args.detach and args.log:
+        raise UserError("--detach logs the console in the VM's run directory ('alacrity vm list' shows "
+                        "where): leave out --log")
     try:
         check_network(args.ip, args.gw)
         macs = [check_mac(mac) for mac in args.mac or ()]
@@ -136,14 +149,22 @@ def run(args: argparse.Namespace) -> int:
         ip=args.ip,
         gw=args.gw,
         jail_uid=jail_uid,
+        detach_bus=args.bus if args.detach else None,
+        detach_control=str(bus.run_dir / "control.sock"),
     )
     vm = VM(spec)
     if vm.accel.accel != "kvm":
         print(f"alacrity: using TCG: {vm.accel.reason}", file=sys.stderr)
     # SIGTERM (e.g. from a supervisor) stops the guest like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    detached = False
     try:
         vm.start()
+        if args.detach:
+            vm.wait_ready(DETACH_READY_S)
+            detached = True
+            print(name)
+            return 0
         return vm.wait_exit(args.timeout or 10**9)
     except (VmError, TimeoutError) as exc:
         # A device that refused QEMU after the check (a race) makes QEMU fail with its own
@@ -151,4 +172,5 @@ def run(args: argparse.Namespace) -> int:
         why = client.refusal(bus.run_dir)
         raise UserError(f"the gate refused the VM a device: {why}" if why else str(exc)) from None
     finally:
-        vm.kill()
+        if not detached:
+            vm.kill()

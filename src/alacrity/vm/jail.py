@@ -53,6 +53,8 @@ class JailSpec:
     # that maps only the user's own uid and gid, which QEMU then keeps (the range's ids
     # are root's to give); device nodes are bound from the host, as mknod is root's.
     user_namespace: bool = False
+    # A detached VM's jailer joins this bus itself first ({"control": PATH, "bus": NAME}).
+    join: dict[str, str] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

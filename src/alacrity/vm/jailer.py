@@ -22,6 +22,7 @@ import os
 import resource
 import select
 import signal
+import socket
 import stat
 import sys
 from types import SimpleNamespace
@@ -194,8 +195,22 @@ def _map_own_ids() -> None:
     _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
 
 
+def _join(control: str, bus: str) -> None:
+    """Become a member of `bus` ourselves (a detached VM outlives the `vm run` that made
+    it a member by ancestry): one request on the gate's control socket, bounded."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(control)
+        sock.sendall(json.dumps({"op": "join", "bus": bus, "own": True}).encode() + b"\n")
+        reply = json.loads(sock.makefile("rb").readline() or b"{}")
+    if "bus" not in reply:
+        raise JailError(f"cannot stay on bus {bus}: {reply.get('error', 'no answer from the gate')}")
+
+
 def run(spec: SimpleNamespace, argv: list[str]) -> int:
     """Unshare, fork the jailed QEMU and wait for it; its exit status (128+N for signal N)."""
+    if spec.join:
+        _join(spec.join["control"], spec.join["bus"])
     flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET
     if spec.user_namespace:
         ids = (os.getuid(), os.getgid())

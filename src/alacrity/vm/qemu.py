@@ -67,6 +67,12 @@ class VmSpec:
     # for root, the user's own for anyone else; None runs it as the caller, unjailed
     # (`vm run --no-jail`, and tests that measure the bare QEMU).
     jail_uid: int | None = None
+    # Left running when its starter exits (`vm run --detach`): QEMU is not killed with it,
+    # its console is logged in its own directory, and its jailer joins `detach_bus` as a
+    # member itself (through the control socket `detach_control`), so that it stays on the
+    # bus. Only jailed VMs detach.
+    detach_bus: str | None = None
+    detach_control: str = ""
 
 
 def _opt(value: str | Path) -> str:
@@ -193,9 +199,13 @@ class VM:
         # named is copied there from QEMU's, by us.
         self.qemu_dir = self.run_dir / "qemu" if self.jailed else self.run_dir
         self.console_copy: Path | None = None
+        if spec.detach_bus is not None and not self.jailed:
+            raise VmError("only a jailed VM can be detached")
         if self.jailed:
             console = spec.console
-            if console != "stdio":
+            if spec.detach_bus is not None:
+                console = self.qemu_dir / "console.log"  # nobody stays to copy it elsewhere
+            elif console != "stdio":
                 self.console_copy, console = Path(console), self.qemu_dir / "console.log"
             spec = replace(spec, console=console, kernel=Path(os.path.abspath(spec.kernel)),
                            initrd=Path(os.path.abspath(spec.initrd)))
@@ -246,7 +256,8 @@ class VM:
                            str(spec.initrd)],
                 sockets=jail.chardev_paths(cmd),
                 devices=["null", "urandom"] + (["kvm"] if self.accel.accel == "kvm" else []),
-                mem_mib=spec.mem_mib, cpus=spec.cpus, cgroup=self.cgroup, user_namespace=not as_root)
+                mem_mib=spec.mem_mib, cpus=spec.cpus, cgroup=self.cgroup, user_namespace=not as_root,
+                join={"control": spec.detach_control, "bus": spec.detach_bus} if spec.detach_bus else None)
         except (jail.JailError, OSError) as exc:
             raise VmError(f"cannot jail the guest: {exc}") from None
         return jail.jailer_argv(sandbox, [binary, *cmd[1:], *jail.SANDBOX])
@@ -269,7 +280,8 @@ class VM:
         with open(self.run_dir / "qemu.log", "wb") as err:
             self.proc = subprocess.Popen(argv, stdin=stdin, stderr=err,
                                          stdout=subprocess.PIPE if stdio else subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True,
+                                         preexec_fn=None if self.spec.detach_bus else _die_with_parent)
         self.record = VmRecord(self.spec.name, self.proc.pid,
                                proc_start_time(self.proc.pid) or 0, str(self.qmp_path),
                                time.time(), cmd, "stdio" if stdio else str(log), str(self.run_dir),
