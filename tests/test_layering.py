@@ -20,6 +20,7 @@ FLOORS = {
     "switch": 3,
     "vhost_user": 2,
     "virtio": 1,
+    "agent": 1,  # the guest agent's protocol and build: the standard library only
     "native_build": 0,
     "errors": 0,
     "ids": 0,
