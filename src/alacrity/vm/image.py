@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from alacrity.agent import build as agent_build
+
 from . import initramfs
 from .modules import WANTED, select
 
@@ -53,6 +55,7 @@ def recipe_key() -> str:
     h = hashlib.sha256()
     h.update(f"{RECIPE_VERSION}|{KERNEL_META}|{','.join(WANTED)}".encode())
     h.update(initramfs.init_script() + initramfs.POWER_BUTTON)
+    h.update(f"|agent:{agent_build.recipe()}".encode())
     for extra in initramfs.present_extras():
         h.update(f"|{extra}:{extra.stat().st_size}".encode())
     return h.hexdigest()[:12]
@@ -104,9 +107,14 @@ def build_image(
             out = tmp / "image"
             out.mkdir()
             shutil.copyfile(vmlinuz, out / "vmlinuz")
+            step("building the guest agent")
+            try:
+                agent = agent_build.build(tmp / "alacrity-agent")
+            except agent_build.AgentBuildError as exc:
+                raise ImageError(str(exc)) from None
             step("writing initramfs")
             extras = initramfs.present_extras()
-            initramfs.write_initramfs(out / "initrd.img", modules, extras)
+            initramfs.write_initramfs(out / "initrd.img", modules, extras, agent=agent)
             meta = {
                 "kernel_version": version,
                 "package": package,

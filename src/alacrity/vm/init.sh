@@ -32,6 +32,10 @@ if [ -n "$ip" ]; then
     [ -n "$gw" ] && ip route add default via "$gw"
 fi
 
+# The guest agent (alacrity vm exec, vm cp), on vsock port 1024 (agent/protocol.py),
+# where the VM has a vsock device; without one it cannot listen, and exits.
+[ -x /usr/sbin/alacrity-agent ] && setsid alacrity-agent --vsock 1024 </dev/null >/dev/null 2>&1 &
+
 echo
 echo ALACRITY-READY
 

@@ -55,7 +55,8 @@ def busybox_applets(busybox: Path) -> list[str]:
 
 
 def write_initramfs(
-    path: Path, modules: Sequence[Module], extras: Sequence[Path] = (), busybox: Path | None = None
+    path: Path, modules: Sequence[Module], extras: Sequence[Path] = (), busybox: Path | None = None,
+    agent: Path | None = None,
 ) -> None:
     busybox = busybox or find_busybox()
     with open_gzip(str(path)) as out:
@@ -82,6 +83,8 @@ def write_initramfs(
         # busybox acpid runs /etc/acpi/<action> for the power button's built-in action.
         cpio.file("etc/acpi/PWRF/00000080", POWER_BUTTON, mode=0o755)
         cpio.file("bin/busybox", busybox.read_bytes(), mode=0o755)
+        if agent is not None:  # /init starts it: `alacrity vm exec` and `vm cp` go through it
+            cpio.file("usr/sbin/alacrity-agent", agent.read_bytes(), mode=0o755)
         for applet in busybox_applets(busybox):
             if applet != "bin/busybox":
                 cpio.symlink(applet, "/bin/busybox")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 # Drivers the guest needs for vhost-user and built-in virtio devices (virtio_rng: /dev/hwrng,
 # for the rng class); af_packet is for the networking tools, and is usually built in; button
-# and evdev let acpid turn QMP's system_powerdown into a clean poweroff.
+# and evdev let acpid turn QMP's system_powerdown into a clean poweroff; vsock's virtio
+# transport is where the guest agent listens.
 WANTED = ("virtio_pci", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_rng", "af_packet", "button",
-          "evdev")
+          "evdev", "vmw_vsock_virtio_transport")
 REQUIRED = ("virtio_pci", "virtio_blk", "virtio_net")
 
 _SUFFIX = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
