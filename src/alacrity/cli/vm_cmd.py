@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         gw=args.gw,
         jail_uid=jail_uid,
         detach_bus=args.bus if args.detach else None,
+        bus=args.bus,
         detach_control=str(bus.run_dir / "control.sock"),
     )
     vm = VM(spec)

@@ -73,6 +73,7 @@ class VmSpec:
     # bus. Only jailed VMs detach.
     detach_bus: str | None = None
     detach_control: str = ""
+    bus: str = ""  # the bus it runs on, for `vm list` and `vm exec` (recorded, not used)
 
 
 def _opt(value: str | Path) -> str:
@@ -285,7 +286,7 @@ class VM:
         self.record = VmRecord(self.spec.name, self.proc.pid,
                                proc_start_time(self.proc.pid) or 0, str(self.qmp_path),
                                time.time(), cmd, "stdio" if stdio else str(log), str(self.run_dir),
-                               self.spec.jail_uid)
+                               self.spec.jail_uid, self.spec.bus)
         write_record(self.record)
         if stdio:
             assert self.proc.stdout is not None

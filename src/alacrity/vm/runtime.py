@@ -31,6 +31,7 @@ class VmRecord:
     console: str
     dir: str
     jail_uid: int | None = None  # the uid of the jailed QEMU; None: unjailed
+    bus: str = ""  # the bus it was started on
 
 
 def runtime_root() -> Path:
