@@ -9,9 +9,9 @@ devices each; every switch has two ports open (held, idle, by a process on its b
 its process answers each snapshot. Each run measures three windows of SECONDS, in turn:
 idle; one status request a second over one kept control connection (as `alacrity top`
 does); one scrape a second over a new connection to RUN_DIR/metrics.sock, with Prometheus's
-Accept header (as Prometheus does: OpenMetrics). The daemon's CPU in a window is the growth of utime + stime in /proc/PID/stat,
-as % of one core. Medians with [min-max] over the runs; "cost" is each window less the
-idle one of the same run.
+Accept header (as Prometheus does: OpenMetrics). The daemon's CPU in a window is the
+growth of utime + stime in /proc/PID/stat, as % of one core. Medians with [min-max] over
+the runs; "cost" is each window less the idle one of the same run.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def scrape(path: str) -> bytes:
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(path)
-        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\nAccept: " + PROMETHEUS_ACCEPT + b"\r\n\r\n")
+        sock.sendall(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\nAccept: " + PROMETHEUS_ACCEPT
+                     + b"\r\n\r\n")
         data = bytearray()
         while chunk := sock.recv(1 << 16):
             data += chunk

@@ -287,7 +287,8 @@ def tricky_snapshot() -> dict:
             {"name": 'we\\ird"\nname', "class": "rng", "buses": [], "error": "gone",
              "counters": {"bytes": 0.5, "requests_total": 4}, "views": {}},
             {"name": "lan0", "class": "switch", "buses": ["lab"], "error": "", "counters": {},
-             "views": {"ports": {"10": {**port, "running": 1, "label": "lan0[pid 5]", "mac": "52:54:00:00:00:01"},
+             "views": {"ports": {"10": {**port, "running": 1, "label": "lan0[pid 5]",
+                                        "mac": "52:54:00:00:00:01"},
                                  "uplink": {**port, "uplink": 1, "label": "lan0:tap", "mac": "é"},
                                  "2": {"rx_packets": 0}},
                        "stats": {"ports": 2, "fdb_entries": 3, "floods": 10**7, "engine": "native"}}},
@@ -295,7 +296,8 @@ def tricky_snapshot() -> dict:
         "buses": [{"name": "lab", "devices": {"disk0": "disk0"}, "members": [1, 2],
                    "vms": [{"name": "vm\"1", "pid": 99}]}],
         "gate": {"refusals": 1, "control_connections": 2, "device_connections": 3},
-        "took_s": 0.001234, "daemon": {"uptime_s": 12345678.9, "cpu_s": 1.5, "rss_bytes": 2**31, "threads": 9},
+        "took_s": 0.001234,
+        "daemon": {"uptime_s": 12345678.9, "cpu_s": 1.5, "rss_bytes": 2**31, "threads": 9},
     }
 
 
