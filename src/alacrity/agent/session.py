@@ -8,7 +8,6 @@ neither side can fill the other's buffers and wait forever; a deadline bounds it
 
 from __future__ import annotations
 
-import contextlib
 import os
 import selectors
 import socket
@@ -36,10 +35,13 @@ class CommandFailed(Exception):
 
 def run(sock: socket.socket, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: str = "/",
         tty: bool = False, stdin: bytes | int = b"", sink: Sink | None = None,
-        timeout: float | None = None, on_start: Callable[[int], None] | None = None) -> Result:
+        timeout: float | None = None, on_start: Callable[[int], None] | None = None,
+        progress: Callable[[int], None] | None = None) -> Result:
     """Run `argv` through the agent on `sock`. `stdin` is bytes, or a file descriptor read
-    until its end. Output goes to `sink(stream, data)` (1 stdout, 2 stderr) if given, else
-    it is collected in the Result. TimeoutError past `timeout` seconds."""
+    until its end (`progress` hears how many bytes of it so far). Output goes to
+    `sink(stream, data)` (1 stdout, 2 stderr) if given, else it is collected in the
+    Result. TimeoutError past `timeout` seconds."""
+    fed = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     decoder = protocol.Decoder()
     out = bytearray(protocol.exec_request(argv, env, cwd, tty))
@@ -53,6 +55,7 @@ def run(sock: socket.socket, argv: Sequence[str], *, env: dict[str, str] | None 
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
     feeding = False  # feed_fd is watched only while what we owe the agent is small
+    always_ready = False
     ended: Exited | None = None
     try:
         while ended is None:
@@ -62,14 +65,31 @@ def run(sock: socket.socket, argv: Sequence[str], *, env: dict[str, str] | None 
             sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0))
             if feed_fd is not None and feeding != (len(out) < protocol.STDIN_CHUNK):
                 feeding = not feeding
-                if feeding:
-                    sel.register(feed_fd, selectors.EVENT_READ)
-                else:
+                if feeding and not always_ready:
+                    try:
+                        sel.register(feed_fd, selectors.EVENT_READ)
+                    except PermissionError:  # a regular file or /dev/null: epoll refuses them
+                        always_ready = True
+                elif not always_ready:
                     sel.unregister(feed_fd)
+            if feeding and always_ready:  # read a chunk each turn, without waiting on it
+                fed = _feed(feed_fd, out, fed, progress)
+                if fed < 0:
+                    feed_fd, feeding, fed = None, False, -fed
+                wait = 0
             for key, events in sel.select(wait):
                 if key.fileobj is sock and events & selectors.EVENT_WRITE and out:
-                    with contextlib.suppress(BlockingIOError):
+                    try:
                         del out[:sock.send(out)]
+                    except BlockingIOError:
+                        pass
+                    except (BrokenPipeError, ConnectionResetError):
+                        # The session ended (the command exited without reading all of its
+                        # stdin): what is left is not wanted; its end is still to be read.
+                        out.clear()
+                        if feed_fd is not None and feeding and not always_ready:
+                            sel.unregister(feed_fd)
+                        feed_fd, feeding = None, False
                 if key.fileobj is sock and events & selectors.EVENT_READ:
                     try:
                         data = sock.recv(1 << 16)
@@ -89,15 +109,25 @@ def run(sock: socket.socket, argv: Sequence[str], *, env: dict[str, str] | None 
                                 collected[event.stream] += event.data
                         elif isinstance(event, Exited):
                             ended = event
-                elif key.fileobj == feed_fd:
-                    data = os.read(feed_fd, protocol.STDIN_CHUNK)
-                    out += protocol.frame(protocol.STDIN, data) if data else protocol.stdin_end()
-                    if not data:
+                elif key.fileobj == feed_fd and feed_fd is not None:
+                    fed = _feed(feed_fd, out, fed, progress)
+                    if fed < 0:
                         sel.unregister(feed_fd)
-                        feed_fd, feeding = None, False
+                        feed_fd, feeding, fed = None, False, -fed
     finally:
         sel.close()
     return Result(ended.status, ended.signal, bytes(collected[1]), bytes(collected[2]))
+
+
+def _feed(fd: int, out: bytearray, fed: int, progress: Callable[[int], None] | None) -> int:
+    """One chunk of stdin from `fd` into `out`: the bytes fed so far, negated at its end
+    (when end of input has been queued too)."""
+    data = os.read(fd, protocol.STDIN_CHUNK)
+    out += protocol.frame(protocol.STDIN, data) if data else protocol.stdin_end()
+    fed += len(data)
+    if progress is not None:
+        progress(fed)
+    return fed if data else -fed
 
 
 __all__ = ["AgentError", "CommandFailed", "Result", "run"]

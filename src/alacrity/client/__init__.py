@@ -24,7 +24,7 @@ from alacrity.devices import CLASSES
 from alacrity.vhost_user.messages import ProtocolError
 
 __all__ = ["Bus", "DeviceInfo", "GateError", "BlkClient", "BlkError", "NetClient", "NetError", "connect",
-           "DEFAULT_RUN_DIR"]
+           "vm", "DEFAULT_RUN_DIR"]
 
 DEFAULT_RUN_DIR = Path(os.environ.get("ALACRITY_RUN_DIR", "/run/alacrityd"))
 
@@ -139,3 +139,11 @@ def connect(run_dir: str | os.PathLike[str] | None = None) -> Bus:
         for d in reply["devices"]
     ]
     return Bus(reply["bus"], devices, where)
+
+
+def vm(name: str, run_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The guest agent of running VM `name` (client/vm.py: exec, put, get), through a vsock
+    device on this process's bus."""
+    from alacrity.client.vm import vm as guest
+
+    return guest(name, run_dir)

@@ -7,9 +7,10 @@ from alacrity.devices.blk import BlkDevice
 from alacrity.devices.console import ConsoleDevice
 from alacrity.devices.rng import RngDevice
 from alacrity.devices.switch import SwitchDevice
+from alacrity.devices.vsock import VsockDevice
 
 CLASSES: dict[str, type[Device]] = {cls.class_name: cls for cls in (BlkDevice, SwitchDevice, RngDevice,
-                                                                     ConsoleDevice)}
+                                                                     ConsoleDevice, VsockDevice)}
 
 __all__ = ["CLASSES", "Device", "Slot", "device_class"]
 

@@ -184,8 +184,15 @@ class RingWorker(threading.Thread):
             poller = select.poll()  # not select(): fds may be above 1024
             poller.register(kick, select.POLLIN)
             poller.register(self.wake, select.POLLIN)
-            if any(fd == self.wake for fd, _ in poller.poll()):
+            bell = session.doorbell(index)
+            if bell is not None:
+                poller.register(bell, select.POLLIN)
+            ready = [fd for fd, _ in poller.poll()]
+            if self.wake in ready:
                 return
+            if bell is not None and bell in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(bell)  # ours, non-blocking: the device's own signal
             if drain(kick):
                 conn.kicks += 1
             with conn.lock:

@@ -44,6 +44,12 @@ class Session:
         QueueError (a malformed ring) breaks the connection."""
         return 0
 
+    def doorbell(self, index: int) -> int | None:
+        """An eventfd the device writes when ring `index` has work that no kick announces
+        (bytes from the host for a receive ring); the ring's worker wakes on it as on a kick
+        and reads it. None: the ring only has work when the driver kicks."""
+        return None
+
     def stop(self, index: int) -> None:
         """Ring `index` stopped (its worker has gone or is going)."""
 
