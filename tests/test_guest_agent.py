@@ -164,3 +164,50 @@ def test_errors_say_what_to_do(lab, tmp_path):
             "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
     out = lab.cli("bus", "exec", "g", "--", sys.executable, "-c", code)
     assert out.stdout.startswith(b"VmError the agent of VM srv did not answer in 1 s"), out.stderr
+
+
+BIG = 200 << 20
+
+
+def test_a_200_mb_stream_each_way_with_checksums(lab, tmp_path):
+    """exec's output stream, and cp both ways, 200 MB each with their checksums."""
+    made = lab.cli("vm", "exec", "srv", "--", "sh", "-c",
+                   f"head -c {BIG} /dev/urandom > /tmp/big && sha256sum /tmp/big", timeout=600)
+    assert made.returncode == 0, made.stderr
+    guest_sum = made.stdout.split()[0].decode()
+    streamed = lab.cli("vm", "exec", "srv", "--", "cat", "/tmp/big", timeout=600)
+    assert streamed.returncode == 0 and len(streamed.stdout) == BIG
+    assert hashlib.sha256(streamed.stdout).hexdigest() == guest_sum
+    out = lab.cli("vm", "cp", "srv:/tmp/big", str(tmp_path / "big"), timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert hashlib.sha256((tmp_path / "big").read_bytes()).hexdigest() == guest_sum
+    lab.cli("vm", "exec", "srv", "--", "rm", "/tmp/big")  # the guest's /tmp is its RAM
+    local = tmp_path / "up"
+    local.write_bytes(os.urandom(BIG))
+    out = lab.cli("vm", "cp", str(local), "srv:/tmp/up", timeout=600)
+    assert out.returncode == 0, out.stderr
+    summed = lab.cli("vm", "exec", "srv", "--", "sha256sum", "/tmp/up", timeout=600)
+    assert summed.stdout.split()[0].decode() == hashlib.sha256(local.read_bytes()).hexdigest()
+    lab.cli("vm", "exec", "srv", "--", "rm", "-f", "/tmp/up")
+
+
+MANY = """
+import threading
+from alacrity import client
+guest, results = client.vm("srv"), {}
+def one(n):
+    results[n] = guest.exec(["sh", "-c", f"echo {n}; exit $(({n} % 7))"], timeout=300)
+threads = [threading.Thread(target=one, args=(n,)) for n in range(100)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+bad = [n for n in range(100) if n not in results or results[n].stdout != f"{n}\\n".encode()
+       or results[n].status != n % 7]
+print("bad", bad)
+"""
+
+
+def test_100_execs_at_once(lab):
+    out = lab.cli("bus", "exec", "g", "--", sys.executable, "-c", MANY, timeout=600)
+    assert out.returncode == 0 and out.stdout == b"bad []\n", out.stdout + out.stderr[-3000:]
