@@ -77,6 +77,13 @@ def test_hostile_guest_gets_rst_and_a_liar_loses_its_device(daemon):
     assert "claims" in (daemon.admin / "devices/v0/last_error").read_text()
 
 
+def test_a_guest_never_reaches_another_guests_cid(daemon):
+    make_vsock(daemon, "v0", "b1")
+    result = play(daemon, "b1", "cross", timeout=300)
+    assert result["cross"] == {"tries": 10_000, "rst": 10_000, "reached_other": 0}
+    assert state(daemon, "v0", "bad_cid") == 10_000
+
+
 def test_non_members_and_other_buses_are_refused(daemon):
     """The guest is connected on b1; a process in no bus and one on bus b2 ask for its
     port: the gate closes both connections before the device sees a byte."""

@@ -194,6 +194,24 @@ def hostile(g: VsockGuest) -> dict:
     return seen
 
 
+def crossing(g: VsockGuest, other: VsockGuest, tries: int, batch: int = 16) -> dict:
+    """`tries` connection requests and data packets from g to the other guest's CID, sent
+    `batch` at a time (fewer than the rings' slots): each must get RST, and the other guest
+    must see none of them."""
+    rst = reached = 0
+    for start in range(0, tries, batch):
+        count = min(batch, tries - start)
+        for n in range(start, start + count):
+            op = vs.OP_REQUEST if n % 2 else vs.OP_RW
+            g.send(g.header(op, 10000 + n % 50000, 5000, dst_cid=other.cid), b"" if n % 2 else b"x")
+        for _ in range(count):
+            got = g.recv(5)
+            rst += got is not None and got[0].op == vs.OP_RST
+    while other.recv(0.5) is not None:
+        reached += 1
+    return {"tries": tries, "rst": rst, "reached_other": reached}
+
+
 def main() -> None:
     scenario = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("SCENARIO", "all")
     bus = client.connect()
@@ -211,6 +229,9 @@ def main() -> None:
         if scenario in ("all", "stall"):
             out["host_waits"] = host_waits_for_a_guest_that_stops_reading(g, info.socket)
             out["guest_waits"] = guest_waits_for_a_host_that_stops_reading(g, info.socket)
+        if scenario == "cross":
+            with bus.open("v0") as other:
+                out["cross"] = crossing(g, other, 10_000)
         if scenario in ("all", "hostile"):
             out["hostile"] = hostile(g)
             with bus.open("v0") as liar:
