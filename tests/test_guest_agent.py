@@ -143,29 +143,6 @@ def test_a_failed_copy_out_leaves_nothing_behind(lab, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_errors_say_what_to_do(lab, tmp_path):
-    out = lab.cli("vm", "exec", "nosuchvm", "--", "true")
-    assert out.returncode == 2 and b"no running VM named 'nosuchvm'" in out.stderr
-    lab.start_vm("plain", "plain")  # a bus without a vsock device
-    out = lab.cli("vm", "exec", "plain", "--", "true")
-    assert out.returncode == 2 and b"has no vsock device" in out.stderr and b"echo vsock" in out.stderr
-    missing = lab.cli("vm", "exec", "srv", "--", "no-such-program")
-    assert missing.returncode == 127 and b"cannot run no-such-program" in missing.stderr
-    # An agent that does not answer (its listener, the oldest agent process, is killed;
-    # this session's own process goes on): the wait is bounded, and the message says so.
-    oldest = "kill $(pidof alacrity-agent | tr ' ' '\\n' | sort -n | head -1)"
-    stopped = lab.cli("vm", "exec", "srv", "--", "sh", "-c", oldest)
-    assert stopped.returncode == 0, stopped.stderr
-    begun = time.monotonic()
-    out = lab.cli("vm", "exec", "srv", "--wait", "2", "--", "true")
-    assert out.returncode == 2 and b"did not answer in 2 s" in out.stderr, out.stderr
-    assert time.monotonic() - begun < 15
-    code = ("from alacrity.client.vm import vm\ntry:\n    vm('srv', wait=1).exec(['true'])\n"
-            "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
-    out = lab.cli("bus", "exec", "g", "--", sys.executable, "-c", code)
-    assert out.stdout.startswith(b"VmError the agent of VM srv did not answer in 1 s"), out.stderr
-
-
 BIG = 200 << 20
 
 
@@ -211,3 +188,27 @@ print("bad", bad)
 def test_100_execs_at_once(lab):
     out = lab.cli("bus", "exec", "g", "--", sys.executable, "-c", MANY, timeout=600)
     assert out.returncode == 0 and out.stdout == b"bad []\n", out.stdout + out.stderr[-3000:]
+
+
+# Last: it stops the agent of srv.
+def test_errors_say_what_to_do(lab, tmp_path):
+    out = lab.cli("vm", "exec", "nosuchvm", "--", "true")
+    assert out.returncode == 2 and b"no running VM named 'nosuchvm'" in out.stderr
+    lab.start_vm("plain", "plain")  # a bus without a vsock device
+    out = lab.cli("vm", "exec", "plain", "--", "true")
+    assert out.returncode == 2 and b"has no vsock device" in out.stderr and b"echo vsock" in out.stderr
+    missing = lab.cli("vm", "exec", "srv", "--", "no-such-program")
+    assert missing.returncode == 127 and b"cannot run no-such-program" in missing.stderr
+    # An agent that does not answer (its listener, the oldest agent process, is killed;
+    # this session's own process goes on): the wait is bounded, and the message says so.
+    oldest = "kill $(pidof alacrity-agent | tr ' ' '\\n' | sort -n | head -1)"
+    stopped = lab.cli("vm", "exec", "srv", "--", "sh", "-c", oldest)
+    assert stopped.returncode == 0, stopped.stderr
+    begun = time.monotonic()
+    out = lab.cli("vm", "exec", "srv", "--wait", "2", "--", "true")
+    assert out.returncode == 2 and b"did not answer in 2 s" in out.stderr, out.stderr
+    assert time.monotonic() - begun < 15
+    code = ("from alacrity.client.vm import vm\ntry:\n    vm('srv', wait=1).exec(['true'])\n"
+            "except Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    out = lab.cli("bus", "exec", "g", "--", sys.executable, "-c", code)
+    assert out.stdout.startswith(b"VmError the agent of VM srv did not answer in 1 s"), out.stderr

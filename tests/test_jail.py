@@ -323,8 +323,16 @@ def test_a_listed_user_runs_a_jailed_guest_without_sudo(lab, tmp_path):
     assert "may not join bus 'ju'" in refused.stderr and "buses/ju/users" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
+    exec_refused = subprocess.run([*alacrity, "bus", "exec", "ju", "--", "true"], env=env,
+                                  capture_output=True, text=True, timeout=60)
+    assert exec_refused.returncode == 2 and "buses/ju/users" in exec_refused.stderr, exec_refused.stderr
+
     lab.daemon.sh("echo nobody > $A/buses/ju/users")
     assert (lab.daemon.admin / "buses/ju/users").read_text() == "nobody\n"
+    show = [PLAIN_PYTHON, "-m", "alacrity.cli", "bus", "show"]
+    shown = subprocess.run([*alacrity, "bus", "exec", "ju", "--", *show], env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0 and "bus ju" in shown.stdout and "du" in shown.stdout, shown.stderr
     unjailed = subprocess.run([*run, "--no-jail", "--cmd", "true"], env=env, capture_output=True, text=True,
                               timeout=60)
     assert unjailed.returncode == 2 and "only root" in unjailed.stderr, unjailed.stderr
