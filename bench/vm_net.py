@@ -11,10 +11,18 @@ guest A runs `iperf3 -s`, guest B waits for A, pings it (`--pings`, 0.2 s apart)
 - bridge: a Linux bridge with two taps (no address on the host side: the frames stay on
   the bridge), `-netdev tap,vhost=off` with offloads as QEMU negotiates them.
 
-Runs alternate (`--runs` each); medians are reported, with ours/bridge ratios (goals:
-throughput >= 1.0x, RTT <= 1.0x), and the switch's notifications per packet.
+Runs alternate (`--runs` each); medians are reported with [min-max] over the runs, with
+ours/bridge ratios (goals: throughput >= 1.0x, RTT <= 1.0x). Around each iperf3 direction,
+guest B prints a marker with its NIC's frame and interrupt counts (/proc/interrupts, the
+virtio lines), and the host snapshots at each marker the CPU time of both QEMUs and the
+switch, and the switch's port counters. From these:
+- CPU seconds per GB moved, per process (QEMU A, QEMU B, the switch; the bridge's own work
+  is softirq time charged to the QEMU threads that write the taps), over both directions;
+- notifications per frame, each direction: the interrupts guest B took per frame through
+  its NIC (both contenders, measured the same way inside the guest), and for ours the
+  switch's kicks per frame sent and interrupts per frame received, all ports together.
 
-    python bench/vm_net.py [--runs 2] [--seconds 5] [--json out.json]
+    python bench/vm_net.py [--runs 5] [--seconds 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,9 +35,10 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
-from common import Cleanup, fmt, median, print_table, progress
+from common import Cleanup, cpu_seconds, fmt, median, print_table, progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
@@ -44,13 +53,86 @@ SERVER_IP, CLIENT_IP = "10.55.0.1", "10.55.0.2"
 SERVER_CMD = "iperf3 -s >/dev/null 2>&1 & sleep 3600"
 
 
+#: A marker line: B's NIC counters (frames received, frames sent, virtio interrupts); the
+#: sleep gives the host time to take its snapshot before the next phase starts.
+MARK = ("echo MARK $1 $(cat /sys/class/net/eth0/statistics/rx_packets) "
+        "$(cat /sys/class/net/eth0/statistics/tx_packets) "
+        "$(awk '/virtio/ {for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i} END {print s + 0}' "
+        "/proc/interrupts); sleep 0.5")
+MARK_RE = re.compile(r"^MARK (\d) (\d+) (\d+) (\d+)\s*$", re.M)
+
+
 def client_cmd(seconds: int, pings: int) -> str:
     return (
+        f"mark() {{ {MARK}; }}; "
         f"for i in $(seq 100); do ping -c 1 -W 1 {SERVER_IP} >/dev/null 2>&1 && break; done; sleep 1; "
         f"ping -q -c {pings} -i 0.2 {SERVER_IP} | tail -1; "
-        f"iperf3 -c {SERVER_IP} -t {seconds} -f m | grep receiver; "
-        f"iperf3 -c {SERVER_IP} -t {seconds} -f m -R | grep receiver"
+        f"mark 0; iperf3 -c {SERVER_IP} -t {seconds} -f m | grep receiver; "
+        f"mark 1; iperf3 -c {SERVER_IP} -t {seconds} -f m -R | grep receiver; mark 2"
     )
+
+
+class Marks:
+    """Watch B's console for its markers; at each, snapshot the CPU time of `pids` and
+    `stats()` (the switch's counters, for ours)."""
+
+    def __init__(self, log: Path, pids: dict[str, int], stats=None) -> None:
+        self.log, self.pids, self.stats = log, pids, stats
+        self.snaps: dict[int, dict] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stop.is_set() and len(self.snaps) < 3:
+            try:
+                text = self.log.read_text(errors="replace")
+            except OSError:
+                text = ""
+            for m in MARK_RE.finditer(text):
+                k = int(m[1])
+                if k not in self.snaps:
+                    snap = {"guest": tuple(int(x) for x in m.groups()[1:]), "t": time.monotonic(),
+                            "cpu": {name: cpu_seconds(pid) for name, pid in self.pids.items()}}
+                    if self.stats is not None:
+                        snap["ports"] = self.stats()
+                    self.snaps[k] = snap
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+    def figures(self, got: dict[str, float], seconds: int) -> dict[str, float]:
+        """CPU s/GB per process over both directions; notifications per frame each direction."""
+        s = self.snaps
+        if len(s) < 3:
+            return {}
+        out: dict[str, float] = {}
+        gb = (got["b_to_a_mbit"] + got["a_to_b_mbit"]) * seconds / 8 / 1000
+        for name in self.pids:
+            a, b = s[0]["cpu"][name], s[2]["cpu"][name]
+            if a is not None and b is not None and gb:
+                out[f"cpu_s_per_gb_{name}"] = (b - a) / gb
+        for w, direction in ((0, "b_to_a"), (1, "a_to_b")):
+            g0, g1 = s[w]["guest"], s[w + 1]["guest"]
+            frames = (g1[0] - g0[0]) + (g1[1] - g0[1])
+            if frames:
+                out[f"guest_b_irq_per_frame_{direction}"] = (g1[2] - g0[2]) / frames
+            if "ports" in s[w]:
+                p0, p1 = s[w]["ports"], s[w + 1]["ports"]
+                tx = p1["tx_packets"] - p0["tx_packets"]
+                rx = p1["rx_packets"] - p0["rx_packets"]
+                if tx:
+                    out[f"kicks_per_tx_{direction}"] = (p1["kicks"] - p0["kicks"]) / tx
+                if rx:
+                    out[f"irq_per_rx_{direction}"] = (p1["interrupts"] - p0["interrupts"]) / rx
+                batches = p1["batches"] - p0["batches"]
+                if batches:  # how far apart frames come: what interrupt coalescing could gather
+                    out[f"frames_per_batch_{direction}"] = tx / batches
+                    out[f"us_between_batches_{direction}"] = (s[w + 1]["t"] - s[w]["t"]) / batches * 1e6
+                    out[f"sleeps_per_batch_{direction}"] = (p1["sleeps"] - p0["sleeps"]) / batches
+        return out
 
 
 def parse(console: str) -> dict[str, float]:
@@ -62,9 +144,10 @@ def parse(console: str) -> dict[str, float]:
     return {"rtt_ms": float(rtt.group(1)), "b_to_a_mbit": float(rates[0]), "a_to_b_mbit": float(rates[1])}
 
 
-def run_pair(c: Cleanup, tag: str, nets: list[list[str]],
-             image, seconds: int, pings: int, sample=None) -> dict[str, float]:
-    """Boot the pair, let B finish; B's figures, plus `sample()`'s while both still run."""
+def run_pair(c: Cleanup, tag: str, nets: list[list[str]], image, seconds: int, pings: int,
+             sample=None, switch_pid: int | None = None, stats=None) -> dict[str, float]:
+    """Boot the pair, let B finish; B's figures, plus `sample()`'s while both still run, and
+    the per-process CPU and notification figures (`Marks`)."""
     logs = [c.root / f"{tag}-{side}.log" for side in ("a", "b")]
     roles = (("a", SERVER_CMD, SERVER_IP), ("b", client_cmd(seconds, pings), CLIENT_IP))
     specs = [
@@ -73,15 +156,24 @@ def run_pair(c: Cleanup, tag: str, nets: list[list[str]],
         for (side, cmd, ip), log, net in zip(roles, logs, nets, strict=True)
     ]
     vms = [VM(spec) for spec in specs]
+    marks = None
     try:
         for vm in vms:
             vm.start()
+        pids = {"qemu_a": vms[0].pid, "qemu_b": vms[1].pid}
+        if switch_pid is not None:
+            pids["switch"] = switch_pid
+        marks = Marks(logs[1], {k: v for k, v in pids.items() if v is not None}, stats)
         vms[1].wait_exit(timeout=120 + 4 * seconds)
         got = parse(logs[1].read_text(errors="replace"))
         if sample is not None:
             got.update(sample())
+        marks.close()
+        got.update(marks.figures(got, seconds))
         return got
     finally:
+        if marks is not None:
+            marks.close()
         for vm in vms:
             vm.kill()
 
@@ -89,9 +181,9 @@ def run_pair(c: Cleanup, tag: str, nets: list[list[str]],
 class SwitchRig:
     """Our switch process, fed every connection made to its per-VM sockets."""
 
-    def __init__(self, c: Cleanup) -> None:
+    def __init__(self, c: Cleanup, poll_us: float | None = None, adaptive_poll: bool | None = None) -> None:
         with open(c.root / "switch.log", "ab") as log:
-            self.switch = SwitchProcess("bench", log_file=log)
+            self.switch = SwitchProcess("bench", log_file=log, poll_us=poll_us, adaptive_poll=adaptive_poll)
         self.ctl = self.switch.control
         self.listeners = []
         self.stopping = False
@@ -113,6 +205,13 @@ class SwitchRig:
             with conn:
                 self.ctl.add_port(conn.fileno(), label=label)
 
+    def totals(self) -> dict[str, int]:
+        """The switch's counters, summed over its ports (for `Marks`)."""
+        stats = self.ctl.stats()
+        ports = stats["ports"]
+        out = {k: sum(p[k] for p in ports) for k in ("tx_packets", "rx_packets", "kicks", "interrupts")}
+        return {**out, "batches": stats["stats"]["batches"], "sleeps": stats["stats"]["sleeps"]}
+
     def signals(self) -> dict[str, float]:
         """Kicks per frame sent and interrupts per frame received, over both guests' ports.
         B has just powered off, so its port may be gone: A's port counts both directions."""
@@ -127,6 +226,18 @@ class SwitchRig:
         for lst in self.listeners:
             lst.close()
         self.switch.stop()
+
+
+def spread(runs: list[dict[str, float]], key: str) -> tuple[float, float] | None:
+    values = [r[key] for r in runs if key in r]
+    return (min(values), max(values)) if values else None
+
+
+def with_spread(value: float, runs: list[dict[str, float]], key: str, digits: int) -> str:
+    span = spread(runs, key)
+    if span is None:
+        return "-"
+    return f"{fmt(value, digits)} [{fmt(span[0], digits)}-{fmt(span[1], digits)}]"
 
 
 def make_bridge(c: Cleanup, tag: str) -> tuple[str, list[str]]:
@@ -153,44 +264,88 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=5, help="iperf3 time per direction")
     parser.add_argument("--pings", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--poll-us", type=float, default=None,
+                        help="the switch's busy-poll budget (default: the switch's own)")
+    parser.add_argument("--adaptive-poll", action=argparse.BooleanOptionalAction, default=None,
+                        help="the switch's adaptive polling on or off (default: the switch's own)")
+    parser.add_argument("--also-poll-us", type=float, default=None,
+                        help="also run a second switch with this fixed spin (no adaptation), "
+                             "alternating with the others: the polling policy side by side")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("run as root (taps and a bridge are made for the baseline)")
     image = default_image(progress=False)
-    results: dict[str, list[dict[str, float]]] = {"ours": [], "bridge": []}
+    spin = f"ours-spin{args.also_poll_us:g}" if args.also_poll_us is not None else None
+    kinds = ["ours", "bridge"] + ([spin] if spin else [])
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     with Cleanup(prefix="alacrity-vmnet-") as c:
         tag = str(os.getpid() % 10000)
         _, taps = make_bridge(c, tag)
-        rig = SwitchRig(c)
-        c.callbacks.append(rig.close)
-        socks = [rig.socket_for(c.root / f"vm{side}.sock", f"vm-{side}") for side in ("a", "b")]
+        rigs, socks = {}, {}
+        for kind in kinds:
+            if kind == "bridge":
+                continue
+            # `spin`: a second switch with a fixed spin, for a side-by-side look at the polling policy
+            rig = rigs[kind] = (SwitchRig(c, args.poll_us, args.adaptive_poll) if kind == "ours"
+                                else SwitchRig(c, args.also_poll_us, False))
+            c.callbacks.append(rig.close)
+            socks[kind] = [rig.socket_for(c.root / f"{kind}-vm{side}.sock", f"vm-{side}")
+                           for side in ("a", "b")]
         for run in range(args.runs):
-            for kind in ("ours", "bridge"):
+            for kind in kinds:
                 progress(f"run {run + 1}/{args.runs}: {kind}")
                 macs = [local_mac(f"{kind}{run}{side}") for side in ("a", "b")]
-                if kind == "ours":
+                rig = rigs.get(kind)
+                if rig is not None:
                     nets = [SwitchDevice.qemu_args(Slot("lan", str(sock), "mmio", "vm", "n0", 0,
                                                         {"mac": mac}))
-                            for sock, mac in zip(socks, macs, strict=True)]
+                            for sock, mac in zip(socks[kind], macs, strict=True)]
                 else:
                     nets = [["-netdev", f"tap,id=t0,ifname={tap},script=no,downscript=no,vhost=off",
                              "-device", f"virtio-net-device,netdev=t0,mac={mac}"]
                             for tap, mac in zip(taps, macs, strict=True)]
                 got = run_pair(c, f"{kind}{run}", nets, image, args.seconds, args.pings,
-                               rig.signals if kind == "ours" else None)
+                               rig.signals if rig else None, rig.switch.proc.pid if rig else None,
+                               rig.totals if rig else None)
                 progress(f"  {got}")
                 results[kind].append(got)
     rows = []
-    summary: dict[str, dict[str, float]] = {}
-    for key, label, better in (("b_to_a_mbit", "TCP B->A, Mbit/s", "higher"),
-                               ("a_to_b_mbit", "TCP A->B, Mbit/s", "higher"),
-                               ("rtt_ms", "ping RTT avg, ms", "lower")):
-        ours = median([r[key] for r in results["ours"]])
-        bridge = median([r[key] for r in results["bridge"]])
-        summary[key] = {"ours": ours, "bridge": bridge, "ratio": ours / bridge if bridge else float("nan")}
-        rows.append([label, fmt(ours), fmt(bridge), f"{ours / bridge:.2f}x" if bridge else "-", better])
-    header = ["what", "ours (switch)", "Linux bridge + tap", "ours/bridge", "better"]
-    print_table("VM to VM (medians)", header, rows)
+    summary: dict[str, dict] = {}
+    metrics = [("b_to_a_mbit", "TCP B->A, Mbit/s", "higher", 1),
+               ("a_to_b_mbit", "TCP A->B, Mbit/s", "higher", 1), ("rtt_ms", "ping RTT avg, ms", "lower", 2)]
+    for proc in ("qemu_a", "qemu_b", "switch"):
+        metrics.append((f"cpu_s_per_gb_{proc}", f"CPU s per GB, {proc.replace('_', ' ')}", "lower", 2))
+    metrics.append(("cpu_s_per_gb_total", "CPU s per GB, all three", "lower", 2))
+    for direction, label in (("b_to_a", "B->A"), ("a_to_b", "A->B")):
+        metrics += [(f"guest_b_irq_per_frame_{direction}", f"B's interrupts/frame, {label}", "lower", 3),
+                    (f"kicks_per_tx_{direction}", f"switch kicks/frame sent, {label}", "lower", 3),
+                    (f"irq_per_rx_{direction}", f"switch irqs/frame received, {label}", "lower", 3),
+                    (f"frames_per_batch_{direction}", f"switch frames/batch, {label}", "-", 2),
+                    (f"us_between_batches_{direction}", f"switch us between batches, {label}", "-", 0),
+                    (f"sleeps_per_batch_{direction}", f"switch sleeps/batch, {label}", "-", 2)]
+    for runs in results.values():
+        for r in runs:
+            parts = [v for k, v in r.items() if k.startswith("cpu_s_per_gb_")]
+            if parts:
+                r["cpu_s_per_gb_total"] = sum(parts)
+    ours_kinds = [k for k in kinds if k != "bridge"]
+    for key, label, better, digits in metrics:
+        bridge = median([r[key] for r in results["bridge"] if key in r])
+        row = [label]
+        cells, ratios = [], []
+        for kind in kinds:
+            value = median([r[key] for r in results[kind] if key in r])
+            cells.append(with_spread(value, results[kind], key, digits))
+            if kind != "bridge":
+                ratio = value / bridge if bridge and value == value and bridge == bridge else float("nan")
+                ratios.append(f"{ratio:.2f}x" if ratio == ratio else "-")
+                summary.setdefault(key, {"bridge": bridge, "bridge_range": spread(results["bridge"], key)})
+                summary[key].update({kind: value, f"{kind}_range": spread(results[kind], key),
+                                     f"{kind}_ratio": ratio})
+        rows.append([*row, *cells, *ratios, better])
+    header = ["what", *(("Linux bridge + tap" if k == "bridge" else f"{k} (switch)") for k in kinds),
+              *(f"{k}/bridge" for k in ours_kinds), "better"]
+    print_table(f"VM to VM: median [min-max] of {args.runs} runs", header, rows)
     kicks = median([r["kicks_per_tx"] for r in results["ours"]])
     irqs = median([r["interrupts_per_rx"] for r in results["ours"]])
     print(f"switch signals (guest A's port, whole run): {kicks:.3f} kicks per frame sent, "

@@ -2,7 +2,10 @@
 test_switch_offload and test_switch_tap run again with NativeEngine, and a differential
 test drives a Python engine and a native engine over identical in-memory rings with random
 traffic, RX shortages and hostile descriptors and headers: used rings, buffer contents,
-counters, FDB, signals and broken-port reasons must stay identical, step by step."""
+counters, FDB, signals and broken-port reasons must stay identical, step by step. A second
+one does the same with GSO and NEEDS_CSUM frames between ports that negotiated the offloads
+(which C forwards whole) and ports that did not, believable and hostile (lying hdr_len,
+gso_size, csum_start/offset, cut frames, wrong IP versions, ethertypes and protocols)."""
 
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ except native.NativeUnavailable as exc:
 from alacrity.switch.native.engine import NativeEngine, NativeFdb  # noqa: E402
 from tests import test_switch_engine, test_switch_offload, test_switch_process, test_switch_tap  # noqa: E402
 from tests.test_switch_engine import BASE_FEATURES, BROADCAST, Clock, Host, frame, make  # noqa: E402
-from tests.test_switch_offload import TSO_RX, TSO_TX, build_tcp  # noqa: E402
+from tests.test_switch_offload import ACK, CWR, PSH, TSO_RX, TSO_TX, build_tcp  # noqa: E402
 
 # -- the scenarios of the Python engine's tests, with NativeEngine
 _SCENARIOS = [
@@ -91,6 +94,54 @@ def test_offload_conversion_is_punted_in_order():
     got = b.received()
     assert [f[14] for f in got] == list(range(9))
     assert engine.punts == 3 and engine.completed == 3
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_gso_frames_go_whole_in_c(v6: bool):
+    """TSO frames to receivers that took TSO stay in C (header as sent, frame whole over
+    mergeable buffers, 64 KiB included); to a receiver without TSO they are cut in Python."""
+    engine, _, _ = make(0)
+    sender = Host(1, features=TSO_TX | TSO_RX, queue_size=64, tx_slot=70000)
+    tso = Host(2, features=TSO_TX | TSO_RX, queue_size=128)
+    plain = Host(3, queue_size=128)
+    for h in (sender, tso, plain):
+        engine.add_port(h.port)
+    tso.send(sender.mac)
+    plain.send(sender.mac)
+    engine.poll_once()
+    for h in (sender, tso, plain):
+        h.received()
+    sizes = [3000, 20000, 65000] if not v6 else [3000, 20000, 64990]
+    built = [build_tcp(bytes([i]) * n, v6=v6, seq=i, src=sender.mac, dst=tso.mac)
+             for i, n in enumerate(sizes)]
+    for b in built:
+        sender.send_raw(b.frame, b.packed(1448, hdr_len=b.payload_at))
+    assert engine.poll_once() == len(built)
+    assert engine.punts == 0 and engine.native_frames == 2 + len(built)
+    got = tso.received_with_headers()
+    assert [f for _, f in got] == [b.frame for b in built]
+    assert [h.pack()[:10] for h, _ in got] == [b.packed(1448, hdr_len=b.payload_at)[:10] for b in built]
+    assert tso.port.rx_packets == 1 + len(built)  # (and the flooded frame from `plain`)
+    assert tso.port.rx_bytes == 19 + sum(len(b.frame) for b in built)
+    cut = build_tcp(bytes(5000), v6=v6, src=sender.mac, dst=plain.mac)
+    sender.send_raw(cut.frame, cut.packed(1400))
+    assert engine.poll_once() == 1
+    assert engine.punts == 1 and engine.segmented == 1 and len(plain.received()) == 4
+
+
+def test_gso_frame_over_64k_breaks_the_sender_in_both_engines():
+    for kind in (Engine, NativeEngine):
+        engine = kind(Fdb())
+        sender = Host(1, features=TSO_TX, queue_size=16, tx_slot=70000)
+        tso = Host(2, features=TSO_RX, queue_size=128)
+        for h in (sender, tso):
+            engine.add_port(h.port)
+        b = build_tcp(bytes(60000), src=sender.mac, dst=tso.mac)
+        sender.send_raw(b.frame + bytes(vn.MAX_GSO_FRAME + 1 - len(b.frame)), b.packed(1448))  # 1 too many
+        engine.poll_once()
+        assert [(p.id, p.broken) for p in engine.take_broken()] == [
+            (1, f"TX: gso_size 1448 for a frame of {vn.MAX_GSO_FRAME + 1} bytes")]
+        assert tso.received() == []
 
 
 def test_replaced_ring_is_followed():
@@ -250,9 +301,26 @@ CONFIGS = {
     "indirect": dict(features=BASE_FEATURES, indirect=True),
     "python-only": dict(features=BASE_FEATURES, python_only=True),
     "mtu-1000": dict(features=BASE_FEATURES, mtu=1000),
+    # GSO both ways, as two Linux guests negotiate it (iperf3 between VMs is all TSO frames)
+    "tso": dict(features=TSO_TX | TSO_RX, tx_slot=8192),
+    "tso-ecn": dict(features=TSO_TX | TSO_RX | bit(vn.F_GUEST_ECN), tx_slot=8192),
+    "tso4-rx": dict(features=BASE_FEATURES | bit(vn.F_GUEST_CSUM) | bit(vn.F_GUEST_TSO4), rx_buffer=1024),
+    "tso-no-mrg": dict(features=bit(F_VERSION_1) | (TSO_TX | TSO_RX) & ~bit(vn.F_MRG_RXBUF),
+                       rx_buffer=4096, tx_slot=8192),
+    "tso-legacy": dict(features=(TSO_TX | TSO_RX) & ~(bit(vn.F_MRG_RXBUF) | bit(F_VERSION_1)),
+                       rx_buffer=4096, tx_slot=8192),  # 10-byte headers
+    "ufo": dict(features=TSO_TX | TSO_RX | bit(vn.F_HOST_UFO) | bit(vn.F_GUEST_UFO), tx_slot=8192),
 }
+#: TSO frames, believable and not: what check_header and parse_gso accept must go whole to the
+#: receivers that took the offload (in C), and everything else must come out as Python has it.
+TSO_HEADERS = ["tso", "tso", "tso6", "tso6-ext", "tso-vlan", "tso-ecn", "tso-hdr-len", "tso-mss-20",
+               "tso6-long-ext", "tso-poke", "tso-poke", "tso-hdr-len-over", "tso-gso-size-big",
+               "tso-gso-size-zero", "tso-csum-start", "tso-csum-offset", "tso-short", "tso-tiny",
+               "tso-no-payload", "tso-no-needs-csum", "tso-udp", "tso-type", "tso6-as-v4", "tso-fragment",
+               "tso-proto", "tso-ihl", "tso-doff", "tso-v6-type-on-v4", "tso-ethertype", "tso6-proto",
+               "tso-version", "tso6-version", "tso-qinq"]
 HEADERS = ["zero"] * 6 + ["valid", "valid", "junk", "csum", "csum", "csum", "csum-far", "flags", "hdr-len",
-                         "gso-size", "gso-lie", "tso"]
+                         "gso-size", "gso-lie", *TSO_HEADERS]
 TX_SHAPES = ["one", "one", "split", "indirect"]
 RX_SHAPES = ["one", "one", "split", "readable-first", "tiny", "indirect", "write-then-read"]
 EVIL_TX = ["addr", "next", "loop", "indirect", "indirect-len", "writable", "avail-jump", "head"]
@@ -342,6 +410,75 @@ def tx_header(kind: str, hs: int, length: int) -> bytes:
     return vn.HEADER.pack(*fields, 7) if hs == 12 else vn.LEGACY_HEADER.pack(*fields)
 
 
+def tso_frame(kind: str, size: int, src: bytes, dst: bytes, hs: int) -> bytes:
+    """A virtio-net header (`hs` bytes) and a TSO frame of the variant `kind`, lies included."""
+    v6 = kind.startswith("tso6")
+    kind_vlan = kind in ("tso-vlan", "tso-qinq")
+    flags = ACK | PSH | (CWR if kind == "tso-ecn" else 0)
+    built = build_tcp(bytes(range(256)) * (size // 256 + 1), v6=v6, ext=kind == "tso6-ext",
+                      vlan=kind_vlan, src=src, dst=dst, flags=flags)
+    f = bytearray(built.frame)
+    fields = list(built.header(600))
+    l3, l4 = built.l3, built.l4
+    if kind == "tso-ecn":
+        fields[1] |= vn.GSO_ECN
+    elif kind == "tso-hdr-len":
+        fields[2] = 10  # a lie Python lets through (only a hint): it goes as sent
+    elif kind == "tso-mss-20":
+        fields[3] = 20  # believable, not cut: whole to TSO receivers, a counted drop for others
+    elif kind == "tso6-long-ext":  # a hop-by-hop header of 240 bytes: past the C copy of the headers
+        ext = bytes([6, 29, 1, 236]) + bytes(236)
+        f[l3 + 6] = 0
+        f[l4:l4] = ext
+        fields[4] += len(ext)
+    elif kind == "tso-poke":  # one header byte changed
+        at = 12 + size % 120
+        f[at] ^= size // 120 % 255 + 1
+    elif kind == "tso-hdr-len-over":
+        fields[2] = len(f)
+    elif kind == "tso-gso-size-big":
+        fields[3] = len(f)
+    elif kind == "tso-gso-size-zero":
+        fields[3] = 0
+    elif kind == "tso-csum-start":
+        fields[4] += 2
+    elif kind == "tso-csum-offset":
+        fields[5] = 6
+    elif kind in ("tso-short", "tso-tiny", "tso-no-payload"):
+        # GSO on a frame cut inside its TCP header, its IP header, or before its payload, with
+        # hdr_len and gso_size that check_header believes: parse_gso must find the lie
+        del f[l4 + 10 if kind == "tso-short" else 20 if kind == "tso-tiny" else built.payload_at :]
+        fields[2], fields[3] = 14, 8
+    elif kind == "tso-no-needs-csum":
+        fields[0] = 0
+    elif kind == "tso-udp":
+        fields[1] = vn.GSO_UDP
+    elif kind == "tso-type":
+        fields[1] = 5
+    elif kind == "tso6-as-v4":
+        fields[1] = vn.GSO_TCPV4
+    elif kind == "tso-v6-type-on-v4":
+        fields[1] = vn.GSO_TCPV6
+    elif kind == "tso-fragment":
+        f[l3 + 6] |= 0x20
+    elif kind == "tso-proto":
+        f[l3 + 9] = 17
+    elif kind == "tso6-proto":
+        f[l3 + 6] = 17
+    elif kind in ("tso-version", "tso6-version"):
+        f[l3] = 0x65 if kind == "tso-version" else 0x45
+    elif kind == "tso-qinq":  # a believable 802.1ad tag
+        f[12:14] = b"\x88\xa8"
+    elif kind == "tso-ethertype":  # an IPv4 header behind another ethertype
+        f[12:14] = b"\x88\xb5"
+    elif kind == "tso-ihl":
+        f[l3] = 0x4F
+    elif kind == "tso-doff":
+        f[l4 + 12] = 0xF0
+    header = vn.HEADER.pack(*fields, 0) if hs == 12 else vn.LEGACY_HEADER.pack(*fields)
+    return header + bytes(f)
+
+
 def put_tx(h: Host, data: bytes, shape: str, cuts: list[int]) -> bool:
     d = h.driver
     if not d.tx_free:
@@ -425,15 +562,30 @@ def apply(world: World, op: tuple):
             dst = (hosts[dst_kind].mac if dst_kind < n else BROADCAST if dst_kind == n
                    else b"\x02\xee\0\0\0\x01" if dst_kind == n + 1 else b"\x01\0\x5e\0\0\x01")
             src = [h.mac, b"\x02\x77\0\0\0\x01", b"\x02\x77\0\0\0\x02", b"\x03\0\0\0\0\x01"][src_kind]
-            if hdr == "tso":
-                built = build_tcp(bytes(range(256)) * (size // 256 + 1), src=src, dst=dst)
-                raw = vn.HEADER.pack(*built.header(600), 0) + built.frame
+            if hdr.startswith("tso"):
+                raw = tso_frame(hdr, size, src, dst, h.port.hdr_size)
             else:
                 body = frame(dst, src, bytes([size % 251]) * size)[: size + 2 if size < 12 else None]
                 raw = tx_header(hdr, h.port.hdr_size, len(body)) + body
             if shape == "indirect" and not h.queues[1].indirect:
                 shape = "split"  # (an indirect chain where it was not negotiated is an evil-tx op)
             return put_tx(h, raw, shape, cuts)
+        if kind == "tso-send":  # a TSO frame of a kind, then mangled: bytes poked, cut, fields changed
+            _, _, dst_kind, size, variant, shape, cuts, pokes, cut, changes = op
+            dst = hosts[dst_kind].mac if dst_kind < len(hosts) else BROADCAST
+            raw = bytearray(tso_frame(variant, size, h.mac, dst, h.port.hdr_size))
+            hs = h.port.hdr_size
+            for at, value in pokes:
+                if hs + at < len(raw):
+                    raw[hs + at] = value
+            del raw[hs + cut :]
+            fields = list(vn.LEGACY_HEADER.unpack_from(raw))
+            for index, value in changes.items():
+                fields[index] = value & (0xFF if index < 2 else 0xFFFF)
+            vn.LEGACY_HEADER.pack_into(raw, 0, *fields)
+            if shape == "indirect" and not h.queues[1].indirect:
+                shape = "split"
+            return put_tx(h, bytes(raw), shape, cuts)
         if kind == "burst":
             _, _, dst_kind, count, size = op
             dst = hosts[dst_kind].mac if dst_kind < len(hosts) else BROADCAST
@@ -477,6 +629,30 @@ NICE_OPS = st.lists(st.one_of(GOOD_SEND, GOOD_SEND, BURST, POLL, POLL, REAP,
                               st.tuples(st.just("tick"), st.just(3.0))), min_size=5, max_size=60)
 
 
+TSO_CONFIGS = ["tso", "tso", "tso", "tso-ecn", "tso-ecn", "tso4-rx", "tso-no-mrg", "tso-legacy", "ufo",
+               "tso-rx", "csum"]
+TSO_SEND = st.tuples(
+    st.just("tso-send"), HOST, st.integers(0, 4), st.integers(0, 6000), st.sampled_from(TSO_HEADERS),
+    st.sampled_from(TX_SHAPES), st.lists(st.integers(0, 120), max_size=3),
+    st.one_of(st.just([]), st.lists(st.tuples(st.integers(12, 140), st.integers(0, 255)), max_size=2)),
+    st.one_of(st.just(8000), st.just(8000), st.integers(0, 200)),
+    st.one_of(st.just({}), st.dictionaries(st.integers(0, 5), st.one_of(
+        st.sampled_from([0, 1, 3, 4, 5, 0x81, 0x84, 10, 16, 34, 54, 600]), st.integers(0, 0xFFFF)),
+        max_size=2)))
+GOOD_TSO_SEND = st.tuples(
+    st.just("tso-send"), HOST, st.integers(0, 3), st.integers(600, 6000),  # longer than gso_size 600
+    st.sampled_from(["tso", "tso6", "tso6-ext", "tso-vlan", "tso-qinq", "tso-ecn", "tso-hdr-len",
+                     "tso-mss-20"]),
+    st.sampled_from(TX_SHAPES), st.lists(st.integers(0, 120), max_size=3), st.just([]), st.just(8000),
+    st.just({}))
+TSO_OPS = st.lists(st.one_of(
+    st.one_of(GOOD_TSO_SEND, POLL),
+    st.one_of(TSO_SEND, GOOD_SEND, BURST, POLL, REAP, st.tuples(st.just("notify"), st.integers(0, 3))),
+    st.one_of(st.tuples(st.just("evil-tx"), st.integers(0, 3), st.sampled_from(EVIL_TX)),
+              st.tuples(st.just("evil-rx"), st.integers(0, 3), st.sampled_from(EVIL_RX))),
+), min_size=10, max_size=50)
+
+
 def assert_same(py: World, nat: World, step: int, op: tuple) -> None:
     for i, (a, b) in enumerate(zip(py.hosts, nat.hosts, strict=True)):
         if a.mem.buf != b.mem.buf:
@@ -504,3 +680,25 @@ def test_native_engine_matches_the_python_engine(configs, batch, max_entries, op
     event(f"punts: {'0' if not e.punts else '1-9' if e.punts < 10 else '10+'}")
     event(f"broken ports: {len(nat.broken)}")
     event(f"rx dropped: {bool(sum(h.port.rx_dropped for h in nat.hosts))}")
+
+
+@settings(max_examples=600, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(configs=st.lists(st.sampled_from(TSO_CONFIGS), min_size=2, max_size=4),
+       batch=st.sampled_from([64, 3]), ops=TSO_OPS)
+def test_native_engine_matches_the_python_engine_on_offload_frames(configs, batch, ops):
+    """GSO and NEEDS_CSUM frames, believable and hostile, between ports that negotiated the
+    offloads (so C forwards them whole) and ports that did not (Python converts them)."""
+    py = World(Engine, configs, batch, 4096)
+    nat = World(NativeEngine, configs, batch, 4096)
+    n = len(configs)
+    learn = [op for i in range(n) for op in (("burst", i, n, 1, 60), ("poll",))]  # every MAC known
+    learn += [("reap", i, 16, "one") for i in range(n)]
+    for step, op in enumerate([*learn, *ops, ("poll",)], 1):
+        assert apply(py, op) == apply(nat, op), f"step {step} {op}: results differ"
+        assert_same(py, nat, step, op)
+    e = nat.engine
+    gso = e.native_gso_frames
+    event(f"GSO frames forwarded by C: {'0' if not gso else '1-4' if gso < 5 else '5+'}")
+    event(f"punts: {'0' if not e.punts else '1-9' if e.punts < 10 else '10+'}")
+    event(f"broken ports: {len(nat.broken)}")

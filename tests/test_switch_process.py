@@ -26,12 +26,12 @@ def frame(dst: bytes, src: bytes, payload: bytes = b"hi") -> bytes:
 
 
 class Rig:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *extra: str) -> None:
         self.path = str(root / "switch.ctl")
         self.log = root / "switch.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "alacrity.switch", "--control", self.path],
-                                         stdout=log, stderr=log)
+            self.proc = subprocess.Popen([sys.executable, "-m", "alacrity.switch", "--control", self.path,
+                                          *extra], stdout=log, stderr=log)
         deadline = time.monotonic() + 10
         while not os.path.exists(self.path):
             assert time.monotonic() < deadline and self.proc.poll() is None, self.log.read_text()
@@ -184,3 +184,53 @@ def test_killed_client_port_disappears(rig: Rig):
     for nic in (a, b):
         drain(nic)  # floods from the child
     exchange(a, b)
+
+
+def test_adaptive_poll_follows_how_soon_peers_come_back(tmp_path: Path):
+    """The spin grows (from nothing, doubling, up to the budget) while wake-ups come within
+    the budget, and halves down to nothing while they come later."""
+    from alacrity.switch.process import POLL_MIN_S, Switch
+
+    switch = Switch(str(tmp_path / "ctl"), poll_budget_s=200e-6, engine="python")
+    try:
+        assert switch.poll_s == 200e-6
+        spins = []
+        for gap in [1e-3] * 6 + [50e-6] * 7:
+            switch._adapt_poll(gap)
+            spins.append(round(switch.poll_s * 1e6, 3))
+        assert spins == [100, 50, 25, 12.5, 0, 0, POLL_MIN_S * 1e6, 20, 40, 80, 160, 200, 200]
+    finally:
+        switch.close()
+
+
+def test_slow_peers_get_no_spin(rig: Rig):
+    """Frames 5 ms apart (a peer far slower than the 200 us budget): the switch stops spinning
+    and sleeps between frames, and every frame still arrives."""
+    a, b = rig.client(), rig.client()
+    b.send(frame(BROADCAST, b.mac, b"hello"))
+    assert a.recv(5) is not None
+    for i in range(30):
+        a.send(frame(b.mac, a.mac, i.to_bytes(4, "big")))
+        assert b.recv(5) == frame(b.mac, a.mac, i.to_bytes(4, "big"))
+        time.sleep(0.005)
+    stats = rig.ctl.stats()["stats"]
+    assert stats["poll_us"] == 0 and stats["sleeps"] >= 30
+
+
+def test_switch_runs_at_the_priority_it_is_given(tmp_path):
+    """`--nice N` is set before privileges are dropped (only root may raise a priority); by
+    default the switch keeps its parent's."""
+    if os.geteuid() != 0:
+        pytest.skip("only root may raise a priority")
+    (tmp_path / "raised").mkdir()
+    (tmp_path / "plain").mkdir()
+    raised = Rig(tmp_path / "raised", "--nice", "-5")
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, raised.proc.pid) == -5
+    finally:
+        raised.close()
+    plain = Rig(tmp_path / "plain")
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, plain.proc.pid) == os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        plain.close()

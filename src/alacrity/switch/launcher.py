@@ -26,13 +26,18 @@ class SwitchProcess:
 
     def __init__(self, name: str, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
                  ageing_s: float = 300.0, offloads: bool = True, log_file: IO[bytes] | None = None,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, poll_us: float | None = None,
+                 adaptive_poll: bool | None = None) -> None:
         self.id_range = ids.unprivileged
         self.uid: int | None = self.id_range.lease()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "alacrity.switch", "--control-fd", str(theirs.fileno()),
                 "--uid", str(self.uid), "--mtu", str(mtu), "--mac-prefix", mac_prefix,
                 "--ageing", str(ageing_s), "--offloads" if offloads else "--no-offloads"]
+        if poll_us is not None:  # else the switch's own default (benchmarks try others)
+            argv += ["--poll-us", str(poll_us)]
+        if adaptive_poll is not None:
+            argv.append("--adaptive-poll" if adaptive_poll else "--no-adaptive-poll")
         try:
             # Without `log_file`, its log lines go where the daemon's go.
             self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,

@@ -14,10 +14,13 @@ every reply echoes the request's `seq`:
 With `--control-fd`, the daemon's end closing means the daemon is gone: the switch exits.
 Errors are answered `{"ok": false, "error": "..."}`.
 
-The loop forwards while there is work, busy-polls for `poll_budget_s` after the last
-frame, then enables notifications on every TX ring (EVENT_IDX), re-checks, and sleeps
-in poll() on the kick eventfds, the vhost-user sockets and the control sockets. A port
-whose peer leaves or breaks the rules is closed alone, with a logged reason.
+The loop forwards while there is work, busy-polls for a while after the last frame, then
+enables notifications on every TX ring (EVENT_IDX), re-checks, and sleeps in poll() on the
+kick eventfds, the vhost-user sockets and the control sockets. The spin adapts (at most
+`poll_budget_s`, `_adapt_poll`): it grows while wake-ups come within the budget and shrinks
+to nothing while they come later, as with TCG guests on a small host, where every
+microsecond we spin is taken from the guests. A port whose peer leaves or breaks the rules
+is closed alone, with a logged reason.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from alacrity.virtio.ring import QueueError
 log = logging.getLogger("alacrity.switch")
 
 POLL_BUDGET_S = 200e-6
+#: The adaptive budget's floor: below it, spinning is not worth a loop iteration.
+POLL_MIN_S = 10e-6
 IO_CHECK_S = 1e-3  # under load, look at sockets this often
 MAX_CONTROL = 65536
 
@@ -50,14 +55,17 @@ MAX_CONTROL = 65536
 class Switch:
     def __init__(self, control: str | socket.socket, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
                  ageing_s: float = 300.0, offloads: bool = True, batch: int = BATCH,
-                 poll_budget_s: float = POLL_BUDGET_S, engine: str | None = None) -> None:
+                 poll_budget_s: float = POLL_BUDGET_S, engine: str | None = None,
+                 adaptive_poll: bool = True) -> None:
         prefix = bytes(int(p, 16) for p in mac_prefix.split(":"))
         if not 1 <= len(prefix) <= 5 or prefix[0] & 1:
             raise ValueError(f"mac_prefix {mac_prefix!r}: 1 to 5 bytes of a unicast address")
         self.prefix = prefix
         self.mtu = mtu
         self.offloads = offloads
-        self.poll_budget_s = poll_budget_s
+        self.poll_budget_s = poll_budget_s  # the most it spins after work
+        self.adaptive_poll = adaptive_poll
+        self.poll_s = poll_budget_s  # what it spins now (adapted, see `_adapt_poll`)
         # native (C fast path, built and loaded here: before the caller drops privileges) or python
         self.engine = make_engine(Fdb(ageing_s=ageing_s), batch=batch, kind=engine)
         self.ports: dict[int, VhostPort] = {}
@@ -147,7 +155,7 @@ class Switch:
                     else:
                         self.remove_port(port, port.broken or "broken", fault=True)  # type: ignore[arg-type]
             now = clock()
-            if work or now - last_work < self.poll_budget_s:
+            if work or now - last_work < self.poll_s:
                 if work:
                     last_work = now
                 if now >= next_io:
@@ -159,7 +167,20 @@ class Switch:
             self.sleeps += 1
             self._service_io(1000)
             self._disarm()
-            last_work = clock()  # poll a while after every wake-up
+            now = clock()
+            if self.adaptive_poll:
+                self._adapt_poll(now - last_work)
+            last_work = now  # poll a while after every wake-up
+
+    def _adapt_poll(self, gap: float) -> None:
+        """After a sleep that came `gap` seconds after the last work: grow the spin if a spin
+        of at most the budget would have caught the wake-up, else shrink it (to nothing).
+        KVM's halt-polling rule: spinning pays only when peers come back within the budget;
+        guests slower than that (TCG) would pay for our spin with their own CPU."""
+        if gap <= self.poll_budget_s:
+            self.poll_s = min(self.poll_budget_s, max(2 * self.poll_s, POLL_MIN_S))
+        else:
+            self.poll_s = self.poll_s / 2 if self.poll_s / 2 >= POLL_MIN_S else 0.0
 
     def _arm(self) -> bool:
         """Ask every TX ring for a kick; True if work arrived meanwhile (do not sleep). The
@@ -335,6 +356,7 @@ class Switch:
                           "uplink": True, "learned": learned.get(up.id, []), **up.counters()})
         stats = {"ports": len(self.ports), "fdb_entries": len(fdb), "floods": self.engine.floods,
                  "batches": self.engine.batches, "sleeps": self.sleeps, "wakeups": self.wakeups,
+                 "poll_us": round(self.poll_s * 1e6, 1),
                  "fdb_evictions": self.engine.fdb.evictions, "engine": self.engine.kind}
         return {"ports": ports, "fdb": fdb, "stats": stats, "removed": list(self.removed)}
 

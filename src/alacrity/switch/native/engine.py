@@ -1,10 +1,11 @@
 """`NativeEngine`: `Engine` with the common case of `poll_once` in C (fastpath.c).
 
 Per sender and batch, `sw_drain` forwards chains until the batch is done, the TX ring is
-empty, or a chain needs the Python reference code (a punt: an offload to convert, a tap or
-other Python-only receiver, a header spread over buffers, any ring or header fault); that
-one chain then goes through `Engine._drain` and C carries on. Frames are taken in ring
-order either way, so nothing is reordered.
+empty, or a chain needs the Python reference code (a punt: an offload to convert for a
+receiver without it, a tap or other Python-only receiver, a header spread over buffers,
+any ring or header fault); that one chain then goes through `Engine._drain` and C carries
+on. Frames are taken in ring order either way, so nothing is reordered. GSO and NEEDS_CSUM
+frames to receivers that negotiated the offloads stay in C, checked as the reference does.
 
 State: the DeviceQueue objects are what the rest of the switch reads, and they are right
 whenever Python runs: C works on its copy of each ring's indices, and everything it moved
@@ -39,6 +40,7 @@ from alacrity.switch.offload import PortFault
 from alacrity.switch.port import TX, Port
 from alacrity.switch.tap import TapPort
 from alacrity.vhost_user import sigbus
+from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import DeviceQueue
 from alacrity.virtio.net import mac_text
 from alacrity.virtio.ring import QueueError
@@ -163,6 +165,11 @@ class NativeEngine(Engine):
         """Frames forwarded by C, ever."""
         return self._c.frames
 
+    @property
+    def native_gso_frames(self) -> int:
+        """GSO frames forwarded (whole) by C, ever."""
+        return self._c.gso_frames
+
     # -- ports
     def add_port(self, port: Port) -> None:
         self._sync_out()
@@ -211,6 +218,10 @@ class NativeEngine(Engine):
         c.mrg_rxbuf = bool(port.mrg_rxbuf)
         c.host_csum = bool(port.host_csum)
         c.guest_csum = bool(port.guest_csum)
+        # GSO types as bits 1 << type (fastpath.h); GUEST_ECN as 0x80, the GSO_ECN flag
+        c.host_gso = sum(1 << t for t, on in port.host_gso.items() if on)
+        c.guest_gso = (sum(1 << t for t, on in port.guest_gso.items() if on)
+                       | (vn.GSO_ECN if port.features >> vn.F_GUEST_ECN & 1 else 0))
         c.max_frame = min(port.max_frame, 0xFFFFFFFF)
         c.broken = port.broken is not None
         slot.rx_native = slot.tx_native = False

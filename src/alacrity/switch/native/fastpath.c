@@ -3,14 +3,16 @@
  *
  * For each TX chain of the sender: walk it (split ring, INDIRECT_DESC, every index,
  * address, length and loop bound checked against the port's memory regions, exactly as
- * device_queue.py does), check its virtio-net header as check_header does for a frame
- * that needs no offload conversion, learn the source and look up the destination in the
- * FDB (the same semantics as switch/fdb.py), plan the delivery to every receiver (pop
- * and walk their RX chains, MRG_RXBUF included), and only then copy, push used entries
- * and count. The plan is all-or-nothing: anything this code does not handle (a header
- * spread over buffers, any ring or header fault, an offload to convert, a tap or other
- * Python-only receiver, scratch space exhausted) makes sw_drain stop *before* consuming
- * that chain with status SW_PUNT, and the Python reference code handles it (and words
+ * device_queue.py does), check its virtio-net header as check_header does, and a GSO
+ * frame's own headers as offload.py's parse_gso does (on a private copy of them, which is
+ * what receivers get: the sender cannot change what was checked), learn the source and
+ * look up the destination in the FDB (the same semantics as switch/fdb.py), plan the
+ * delivery to every receiver that takes the frame as it is (pop and walk their RX
+ * chains, MRG_RXBUF included), and only then copy, push used entries and count. The plan
+ * is all-or-nothing: anything this code does not handle (a header spread over buffers,
+ * any ring or header fault, an offload to convert for a receiver that did not negotiate
+ * it, UFO, headers beyond HEAD_COPY, a tap or other Python-only receiver, scratch space
+ * exhausted) makes sw_drain stop *before* consuming that chain with status SW_PUNT, and the Python reference code handles it (and words
  * any fault). The FDB updates done before a punt are idempotent: Python repeats them.
  *
  * Used entries are written as they are made; each ring's used index is stored once, at
@@ -36,6 +38,12 @@
 #define ETH_HLEN 14
 #define HDR_F_NEEDS_CSUM 1
 #define HDR_F_DATA_VALID 2
+#define GSO_NONE 0
+#define GSO_TCPV4 1
+#define GSO_TCPV6 4
+#define GSO_ECN 0x80
+#define MAX_GSO_FRAME (65535 + ETH_HLEN + 4) /* virtio/net.py: 64 KiB of IP, Ethernet, a VLAN tag */
+#define HEAD_COPY 256 /* a GSO frame's headers are checked and sent from a copy this long */
 
 #define barrier() __asm__ __volatile__("" ::: "memory")
 
@@ -475,12 +483,97 @@ int32_t sw_export(struct sw_engine *e, int64_t *out)
 /* ---- forwarding */
 
 struct frame {
-    struct sw_seg src[TX_SEGS + 1]; /* the virtio-net header we write, then the frame */
+    struct sw_seg src[TX_SEGS + 2]; /* the virtio-net header we write, then the frame */
     uint32_t nsrc;
     uint64_t length;
     uint8_t hdr[12];
     int needs_csum;
+    uint8_t gso_type;
+    uint8_t head[HEAD_COPY];        /* a GSO frame's first bytes, checked: src[1] points here */
 };
+
+static inline uint32_t be16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
+
+/* Replace the first min(length, HEAD_COPY) bytes of the frame's sources by a copy in f->head
+ * (src[1]); returns the length of the copy. */
+static uint64_t copy_head(struct frame *f)
+{
+    uint64_t want = f->length < HEAD_COPY ? f->length : HEAD_COPY, got = 0, off = 0;
+    uint32_t k = 1;
+    while (got < want) {
+        uint64_t n = f->src[k].len - off;
+        if (n > want - got)
+            n = want - got;
+        memcpy(f->head + got, f->src[k].p + off, n);
+        got += n;
+        off += n;
+        if (off == f->src[k].len) {
+            k++;
+            off = 0;
+        }
+    }
+    barrier(); /* the copy is what is checked and sent */
+    struct sw_seg rest[TX_SEGS + 1];
+    uint32_t nrest = 0;
+    for (; k < f->nsrc; k++, off = 0) {
+        rest[nrest].p = f->src[k].p + off;
+        rest[nrest].len = f->src[k].len - off;
+        nrest++;
+    }
+    f->src[1].p = f->head;
+    f->src[1].len = want;
+    memcpy(f->src + 2, rest, sizeof(rest[0]) * nrest);
+    f->nsrc = 2 + nrest;
+    return want;
+}
+
+/* offload.py's parse_gso for TCPv4/v6, on the first `n` bytes of a `length`-byte frame
+ * (n <= length): 0 if Python would find it believable, -1 if not *or* if telling would need
+ * a byte past `n` (a punt either way: Python decides). */
+static int gso_check(const uint8_t *h, uint64_t n, uint64_t length, uint8_t base, uint16_t csum_start,
+                     uint16_t csum_offset)
+{
+    uint32_t kind = be16(h + 12);
+    uint64_t off = ETH_HLEN, l4;
+    for (int i = 0; i < 2 && (kind == 0x8100 || kind == 0x88A8); i++) {
+        if (off + 4 > n)
+            return -1;
+        kind = be16(h + off + 2);
+        off += 4;
+    }
+    if (base == GSO_TCPV4) {
+        if (kind != 0x0800 || off + 20 > n)
+            return -1;
+        uint8_t ver_ihl = h[off];
+        uint64_t ihl = (uint64_t)(ver_ihl & 0xF) * 4;
+        if (ver_ihl >> 4 != 4 || ihl < 20 || off + ihl > n)
+            return -1;
+        if (be16(h + off + 6) & 0x3FFF || h[off + 9] != 6)
+            return -1; /* a fragment, or not TCP */
+        l4 = off + ihl;
+    } else {
+        if (kind != 0x86DD || off + 40 > n || h[off] >> 4 != 6)
+            return -1;
+        uint8_t next = h[off + 6];
+        l4 = off + 40;
+        for (int i = 0; i < 8 && (next == 0 || next == 43 || next == 60); i++) {
+            if (l4 + 8 > n)
+                return -1;
+            next = h[l4];
+            l4 += ((uint64_t)h[l4 + 1] + 1) * 8;
+        }
+        if (next != 6)
+            return -1;
+    }
+    if (l4 + 20 > n)
+        return -1;
+    uint64_t doff = (uint64_t)(h[l4 + 12] >> 4) * 4;
+    if (doff < 20 || l4 + doff >= length) /* beyond the frame, or no payload */
+        return -1;
+    if (csum_start != l4 || csum_offset != 16)
+        return -1;
+    return 0;
+}
 
 /* Pop (in plan only: `*cursor` moves, the queue does not) and walk one RX chain.
  * 1: planned; 0: the ring is empty; -1: punt. */
@@ -526,6 +619,12 @@ static int plan_rx(struct sw_engine *e, struct sw_rxplan *pl, struct sw_port *r,
         return -1;
     if (f->needs_csum && !r->guest_csum)
         return -1; /* the checksum is completed in software: Python */
+    if (f->gso_type) { /* engine.py's _takes_whole, else segments cut in software: Python */
+        if (!(r->guest_gso & 1u << (f->gso_type & ~GSO_ECN)))
+            return -1;
+        if ((f->gso_type & GSO_ECN) && !(r->guest_gso & GSO_ECN))
+            return -1;
+    }
     const struct sw_queue *q = &r->rx;
     uint64_t need = r->hdr_size + f->length, room = 0;
     uint32_t segs0 = *nsegs, chain0 = *nchains;
@@ -632,14 +731,28 @@ static int forward(struct sw_engine *e, struct sw_port *p, uint32_t head)
     memcpy(&csum_start, raw + 6, 2);
     memcpy(&csum_offset, raw + 8, 2);
     uint64_t length = f.length;
-    /* check_header, for a frame that needs no offload conversion; the rest is Python's */
+    /* check_header: anything it refuses is Python's to word (and to break the sender for) */
     if (length < ETH_HLEN || hdr_len > length || (flags & ~(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID)))
-        return -1;
-    if (gso_type || gso_size || length > p->max_frame)
         return -1;
     f.needs_csum = flags & HDR_F_NEEDS_CSUM;
     if (f.needs_csum && (!p->host_csum || (uint64_t)csum_start + csum_offset + 2 > length))
         return -1;
+    f.gso_type = gso_type;
+    if (gso_type == GSO_NONE) {
+        if (gso_size || length > p->max_frame)
+            return -1;
+    } else {
+        uint8_t base = gso_type & ~GSO_ECN;
+        /* UFO (which parse_gso does not check) stays Python's, with every other GSO type */
+        if ((base != GSO_TCPV4 && base != GSO_TCPV6) || !(p->host_gso & 1u << base))
+            return -1;
+        if (!f.needs_csum || !gso_size || gso_size >= length || length > MAX_GSO_FRAME || hdr_len >= length)
+            return -1;
+        /* _forward_offload: parse_gso on a copy, forwarded from the copy */
+        uint64_t n = copy_head(&f);
+        if (gso_check(f.head, n, length, base, csum_start, csum_offset) < 0)
+            return -1;
+    }
     if (f.src[1].len < 12)
         return -1; /* the addresses spread over buffers */
     uint8_t mac[12];
@@ -685,6 +798,7 @@ static int forward(struct sw_engine *e, struct sw_port *p, uint32_t head)
     }
     if (flood)
         e->floods++;
+    e->gso_frames += gso_type != GSO_NONE;
     p->tx_packets++;
     p->tx_bytes += length;
     if (!nplans)

@@ -46,7 +46,9 @@ struct sw_port {
     uint8_t guest_csum;
     uint8_t broken;
     uint8_t dirty;              /* in sw_engine.dirty */
-    uint8_t pad[3];
+    uint8_t host_gso;           /* GSO types it may send: bit 1 << type (TCPV4 1, UDP 3, TCPV6 4) */
+    uint8_t guest_gso;          /* GSO types it takes whole, the same bits, and 0x80 for GUEST_ECN */
+    uint8_t pad;
     uint32_t max_frame;
     struct sw_queue rx;
     struct sw_queue tx;
@@ -102,6 +104,7 @@ struct sw_engine {
     double now;
     uint64_t floods;            /* delta since the last sync out */
     uint64_t frames;            /* forwarded by C, ever (for benchmarks) */
+    uint64_t gso_frames;        /* of which GSO frames (for benchmarks and tests) */
 };
 
 /* Sync-out records (sw_export): SW_REC int64s per port with changes, then the floods. */
