@@ -469,3 +469,22 @@ def test_a_detached_vm_runs_on_after_vm_run_and_stays_on_its_bus(lab):
              status_of(qemu)["State"].split()[0] in "ZX", timeout=30)
     wait_for("its jailer to leave the bus", lambda: str(rec.pid) not in
              (lab.daemon.admin / "buses/jd/members").read_text().split(), timeout=30)
+
+
+def test_the_jailer_reads_back_the_spec_it_is_given_and_refuses_anything_else(tmp_path):
+    from alacrity.vm import jailer
+
+    spec = jail.JailSpec(uid=930007, root="/r", writable="/w", read_only=["/a b", "/c"], sockets=["/s.sock"],
+                         devices=["null", "kvm"], cgroup="/cg", user_namespace=True,
+                         join={"control": "/ctl", "bus": "lab"})
+    back, qemu = jailer.parse([*spec.options(), "--", "/usr/bin/qemu", "-name", "x"])
+    assert qemu == ["/usr/bin/qemu", "-name", "x"]
+    assert vars(back) == {"uid": 930007, "root": "/r", "writable": "/w", "hostname": "alacrity",
+                          "read_only": ["/a b", "/c"], "sockets": ["/s.sock"], "devices": ["null", "kvm"],
+                          "cgroup": "/cg", "user_namespace": True, "join": {"control": "/ctl", "bus": "lab"}}
+    for bad in (["--uid", "1", "--root", "/r", "--writable", "/w", "--"],  # no QEMU
+                ["--root", "/r", "--writable", "/w", "--", "q"],  # no uid
+                ["--uid", "1", "--root", "/r", "--writable", "/w", "--dev", "mem", "--", "q"],
+                ["--uid", "1", "--root", "/r", "--writable", "/w", "--frobnicate", "--", "q"]):
+        with pytest.raises(ValueError):
+            jailer.parse(bad)

@@ -7,13 +7,13 @@ jail", has the whole picture.
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 #: The jailer's exit status when it could not make the jail (vm/jailer.py).
@@ -56,12 +56,21 @@ class JailSpec:
     # A detached VM's jailer joins this bus itself first ({"control": PATH, "bus": NAME}).
     join: dict[str, str] | None = None
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> JailSpec:
-        return cls(**json.loads(text))
+    def options(self) -> list[str]:
+        """The spec as the jailer's options (vm/jailer.py parses them; no JSON there,
+        whose import alone costs the jailer a third of its start-up)."""
+        out = ["--uid", str(self.uid), "--root", self.root, "--writable", self.writable,
+               "--hostname", self.hostname]
+        out += [item for path in self.read_only for item in ("--ro", path)]
+        out += [item for path in self.sockets for item in ("--socket", path)]
+        out += [item for name in self.devices for item in ("--dev", name)]
+        if self.cgroup:
+            out += ["--cgroup", self.cgroup]
+        if self.user_namespace:
+            out.append("--user-namespace")
+        if self.join:
+            out += ["--join", self.join["control"], self.join["bus"]]
+        return out
 
 
 # -- what QEMU needs, found on the host before the jail is made
@@ -73,14 +82,28 @@ def qemu_binary(name: str) -> str:
     return os.path.realpath(path)
 
 
-def shared_libraries(binary: str) -> list[str]:
-    """The libraries the dynamic loader maps for `binary` (as ldd lists them)."""
+def shared_libraries(binary: str, cache: Path | None = None) -> list[str]:
+    """The libraries the dynamic loader maps for `binary` (as ldd lists them). ldd costs a
+    VM's start about 13 ms, so with `cache` (a directory of the caller's own) the answer
+    is kept there for as long as the binary is the same file."""
+    st = os.stat(binary)
+    key = hashlib.sha256(f"{binary}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    kept = cache / f".qemu-libraries-{key}" if cache is not None else None
+    if kept is not None:
+        with contextlib.suppress(OSError):
+            if kept.stat().st_uid == os.geteuid():  # written by us, not planted by someone
+                return kept.read_text().splitlines()
     try:
         out = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise JailError(f"cannot list the libraries of {binary} with ldd: {exc}") from None
-    found = re.findall(r"(?:=>\s*)?(/\S+)\s+\(0x", out)
-    return sorted(set(found))
+    found = sorted(set(re.findall(r"(?:=>\s*)?(/\S+)\s+\(0x", out)))
+    if kept is not None:
+        with contextlib.suppress(OSError):
+            partial = kept.with_suffix(f".{os.getpid()}")
+            partial.write_text("".join(f"{lib}\n" for lib in found))
+            os.replace(partial, kept)
+    return found
 
 
 def chardev_paths(argv: list[str]) -> list[str]:
@@ -142,4 +165,4 @@ def remove_cgroup(path: str) -> None:
 def jailer_argv(spec: JailSpec, qemu: list[str]) -> list[str]:
     """The jailer's command line around QEMU's (its own file, run without site packages)."""
     program = Path(__file__).with_name("jailer.py")
-    return [sys.executable, "-I", "-S", str(program), spec.to_json(), "--", *qemu]
+    return [sys.executable, "-I", "-S", str(program), *spec.options(), "--", *qemu]

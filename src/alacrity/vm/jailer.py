@@ -1,7 +1,8 @@
 """The jailer: the program `alacrity vm run` starts to put QEMU in its jail (vm/jail.py
-says what the jail holds and makes its spec). Run as `python -I -S jailer.py SPEC -- QEMU
-ARGS`: it imports only a few standard modules, not the package, so it starts in a few
-milliseconds, and it is single-threaded, so forking and unsharing in it are safe.
+says what the jail holds and makes its spec). Run as `python -I -S jailer.py OPTIONS --
+QEMU ARGS` (`parse`, JailSpec.options): it imports only a few standard modules, not the
+package and not even json, so it starts in a few milliseconds, and it is
+single-threaded, so forking and unsharing in it are safe.
 
 1. It unshares the mount, pid, ipc, uts and network namespaces (and, for a user who is
    not root, a user namespace mapping only the user's ids first), then forks: the child
@@ -17,12 +18,10 @@ milliseconds, and it is single-threaded, so forking and unsharing in it are safe
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import resource
 import select
 import signal
-import socket
 import stat
 import sys
 from types import SimpleNamespace
@@ -198,6 +197,9 @@ def _map_own_ids() -> None:
 def _join(control: str, bus: str) -> None:
     """Become a member of `bus` ourselves (a detached VM outlives the `vm run` that made
     it a member by ancestry): one request on the gate's control socket, bounded."""
+    import json  # only here: their imports cost every other start
+    import socket
+
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(control)
@@ -239,13 +241,45 @@ def run(spec: SimpleNamespace, argv: list[str]) -> int:
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
+USAGE = ("usage: jailer.py --uid N --root DIR --writable DIR [--hostname NAME] [--ro PATH]... "
+         "[--socket PATH]... [--dev null|urandom|kvm]... [--cgroup DIR] [--user-namespace] "
+         "[--join CONTROL BUS] -- QEMU [ARGS...]")
+
+
+def parse(args: list[str]) -> tuple[SimpleNamespace, list[str]]:
+    """The spec (vm/jail.py: JailSpec.options) and QEMU's command line. ValueError if bad."""
+    spec = SimpleNamespace(uid=-1, root="", writable="", hostname="alacrity", read_only=[], sockets=[],
+                           devices=[], cgroup="", user_namespace=False, join=None)
+    single = {"--uid": "uid", "--root": "root", "--writable": "writable", "--hostname": "hostname",
+              "--cgroup": "cgroup"}
+    many = {"--ro": "read_only", "--socket": "sockets", "--dev": "devices"}
+    i = 0
+    while i < len(args) and args[i] != "--":
+        option = args[i]
+        if option == "--user-namespace":
+            spec.user_namespace, i = True, i + 1
+        elif option == "--join" and i + 2 < len(args):
+            spec.join, i = {"control": args[i + 1], "bus": args[i + 2]}, i + 3
+        elif option in single and i + 1 < len(args):
+            setattr(spec, single[option], args[i + 1])
+            i += 2
+        elif option in many and i + 1 < len(args):
+            getattr(spec, many[option]).append(args[i + 1])
+            i += 2
+        else:
+            raise ValueError(f"bad option {option!r}; {USAGE}")
+    spec.uid = int(spec.uid)
+    if spec.uid < 0 or not spec.root or not spec.writable or i + 1 >= len(args):
+        raise ValueError(USAGE)
+    if any(name not in DEVICES for name in spec.devices):
+        raise ValueError(f"--dev takes one of {', '.join(DEVICES)}")
+    return spec, args[i + 1:]
+
+
 def main(args: list[str]) -> int:
-    if len(args) < 3 or args[1] != "--":
-        print("usage: python -m alacrity.vm.jail SPEC_JSON -- QEMU [ARGS...]", file=sys.stderr)
-        return 2
     try:
-        spec = SimpleNamespace(**json.loads(args[0]))
-        return run(spec, args[2:])
+        spec, qemu = parse(args)
+        return run(spec, qemu)
     except (JailError, OSError, TypeError, ValueError) as exc:
         print(f"alacrity jail: {exc}", file=sys.stderr, flush=True)
         return JAIL_FAILED

@@ -252,7 +252,7 @@ class VM:
             self.cgroup = jail.make_cgroup(spec.name, spec.mem_mib, spec.cpus) if as_root else ""
             sandbox = jail.JailSpec(
                 uid=uid, root=str(root), writable=str(self.qemu_dir),
-                read_only=[binary, *jail.shared_libraries(binary),
+                read_only=[binary, *jail.shared_libraries(binary, cache=self.run_dir.parent),
                            *(p for p in jail.QEMU_DATA if os.path.exists(p)), str(spec.kernel),
                            str(spec.initrd)],
                 sockets=jail.chardev_paths(cmd),
