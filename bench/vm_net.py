@@ -42,6 +42,7 @@ from common import Cleanup, cpu_seconds, fmt, median, print_table, progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
+from alacrity import ids  # noqa: E402
 from alacrity.devices import Slot  # noqa: E402
 from alacrity.devices.switch import SwitchDevice  # noqa: E402
 from alacrity.switch.launcher import SwitchProcess  # noqa: E402
@@ -145,22 +146,28 @@ def parse(console: str) -> dict[str, float]:
 
 
 def run_pair(c: Cleanup, tag: str, nets: list[list[str]], image, seconds: int, pings: int,
-             sample=None, switch_pid: int | None = None, stats=None) -> dict[str, float]:
+             sample=None, switch_pid: int | None = None, stats=None,
+             jail_uids: tuple[int, int] | None = None) -> dict[str, float]:
     """Boot the pair, let B finish; B's figures, plus `sample()`'s while both still run, and
     the per-process CPU and notification figures (`Marks`)."""
     logs = [c.root / f"{tag}-{side}.log" for side in ("a", "b")]
     roles = (("a", SERVER_CMD, SERVER_IP), ("b", client_cmd(seconds, pings), CLIENT_IP))
     specs = [
         VmSpec(name=f"bench-{tag}-{side}-{os.getpid()}", kernel=image.kernel, initrd=image.initrd, cmd=cmd,
-               console=log, ip=f"{ip}/24", devices=[net], run_dir=c.root / f"{tag}-{side}")
-        for (side, cmd, ip), log, net in zip(roles, logs, nets, strict=True)
+               console=log, ip=f"{ip}/24", devices=[net], run_dir=c.root / f"{tag}-{side}",
+               jail_uid=jail_uids[n] if jail_uids else None)
+        for n, ((side, cmd, ip), log, net) in enumerate(zip(roles, logs, nets, strict=True))
     ]
     vms = [VM(spec) for spec in specs]
     marks = None
     try:
         for vm in vms:
             vm.start()
-        pids = {"qemu_a": vms[0].pid, "qemu_b": vms[1].pid}
+        if jail_uids:  # the jailed QEMUs are the jailers' children, a moment later
+            deadline = time.monotonic() + 10
+            while any(vm.qemu_pid() is None for vm in vms) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        pids = {"qemu_a": vms[0].qemu_pid(), "qemu_b": vms[1].qemu_pid()}
         if switch_pid is not None:
             pids["switch"] = switch_pid
         marks = Marks(logs[1], {k: v for k, v in pids.items() if v is not None}, stats)
@@ -191,6 +198,7 @@ class SwitchRig:
     def socket_for(self, path: Path, label: str) -> str:
         lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         lst.bind(str(path))
+        os.chmod(path, 0o666)  # a jailed QEMU (--jailed) connects as a uid of its own
         lst.listen(4)
         self.listeners.append(lst)
         threading.Thread(target=self._accept, args=(lst, label), daemon=True).start()
@@ -268,6 +276,9 @@ def main() -> int:
                         help="the switch's busy-poll budget (default: the switch's own)")
     parser.add_argument("--adaptive-poll", action=argparse.BooleanOptionalAction, default=None,
                         help="the switch's adaptive polling on or off (default: the switch's own)")
+    parser.add_argument("--jailed", action="store_true",
+                        help="also run our switch with both QEMUs jailed, as 'alacrity vm run' starts "
+                             "them (vm/jail.py): what the jail costs VM-to-VM traffic, side by side")
     parser.add_argument("--also-poll-us", type=float, default=None,
                         help="also run a second switch with this fixed spin (no adaptation), "
                              "alternating with the others: the polling policy side by side")
@@ -276,37 +287,43 @@ def main() -> int:
         parser.error("run as root (taps and a bridge are made for the baseline)")
     image = default_image(progress=False)
     spin = f"ours-spin{args.also_poll_us:g}" if args.also_poll_us is not None else None
-    kinds = ["ours", "bridge"] + ([spin] if spin else [])
+    kinds = ["ours", "bridge"] + ([spin] if spin else []) + (["ours-jailed"] if args.jailed else [])
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     with Cleanup(prefix="alacrity-vmnet-") as c:
         tag = str(os.getpid() % 10000)
         _, taps = make_bridge(c, tag)
         rigs, socks = {}, {}
         for kind in kinds:
-            if kind == "bridge":
+            if kind in ("bridge", "ours-jailed"):  # the jailed pair uses our switch too
                 continue
             # `spin`: a second switch with a fixed spin, for a side-by-side look at the polling policy
             rig = rigs[kind] = (SwitchRig(c, args.poll_us, args.adaptive_poll) if kind == "ours"
                                 else SwitchRig(c, args.also_poll_us, False))
             c.callbacks.append(rig.close)
-            socks[kind] = [rig.socket_for(c.root / f"{kind}-vm{side}.sock", f"vm-{side}")
-                           for side in ("a", "b")]
+            sockets = c.root / f"{kind}-sockets"  # bound into the jails: traversable, nothing else
+            sockets.mkdir(mode=0o711)
+            sockets.chmod(0o711)
+            socks[kind] = [rig.socket_for(sockets / f"vm{side}.sock", f"vm-{side}") for side in ("a", "b")]
         for run in range(args.runs):
             for kind in kinds:
                 progress(f"run {run + 1}/{args.runs}: {kind}")
                 macs = [local_mac(f"{kind}{run}{side}") for side in ("a", "b")]
-                rig = rigs.get(kind)
+                switch_kind = "ours" if kind == "ours-jailed" else kind
+                rig = rigs.get(switch_kind)
                 if rig is not None:
                     nets = [SwitchDevice.qemu_args(Slot("lan", str(sock), "mmio", "vm", "n0", 0,
                                                         {"mac": mac}))
-                            for sock, mac in zip(socks[kind], macs, strict=True)]
+                            for sock, mac in zip(socks[switch_kind], macs, strict=True)]
                 else:
                     nets = [["-netdev", f"tap,id=t0,ifname={tap},script=no,downscript=no,vhost=off",
                              "-device", f"virtio-net-device,netdev=t0,mac={mac}"]
                             for tap, mac in zip(taps, macs, strict=True)]
+                jail_uids = None
+                if kind == "ours-jailed":
+                    jail_uids = (ids.unprivileged.lease(reserve_s=60), ids.unprivileged.lease(reserve_s=60))
                 got = run_pair(c, f"{kind}{run}", nets, image, args.seconds, args.pings,
                                rig.signals if rig else None, rig.switch.proc.pid if rig else None,
-                               rig.totals if rig else None)
+                               rig.totals if rig else None, jail_uids)
                 progress(f"  {got}")
                 results[kind].append(got)
     rows = []
