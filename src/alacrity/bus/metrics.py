@@ -66,7 +66,7 @@ CLASS_COUNTERS: dict[tuple[str, str], tuple[str, str]] = {
     ("rng", "throttled"): ("alacrity_rng_throttled", "Requests cut short by the rate limit."),
 }
 #: Device counters that are levels, not counts: served as gauges.
-GAUGE_COUNTERS = {"console_count"}
+GAUGE_COUNTERS = {"console_count", "guest_count", "streams"}
 #: Counters every device has, served as alacrity_device_* for all classes.
 COMMON = ("connections", "errors")
 
