@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +28,9 @@ def make_vsock(daemon, name: str, bus: str, extra: str = "") -> None:
 
 
 def play(daemon, bus: str, scenario: str, timeout: float = 120.0) -> dict:
-    code = f"import sys; sys.argv = ['x', {scenario!r}]\nfrom tests.vsock_play import main\nmain()"
+    root = str(Path(__file__).resolve().parent.parent)  # `tests` is importable from there
+    code = (f"import sys; sys.argv = ['x', {scenario!r}]; sys.path.insert(0, {root!r})\n"
+            "from tests.vsock_play import main\nmain()")
     out = daemon.in_bus(bus, code, timeout=timeout)
     assert out.returncode == 0, out.stdout + out.stderr + daemon.log.read_text()[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

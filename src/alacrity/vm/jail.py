@@ -84,8 +84,8 @@ def qemu_binary(name: str) -> str:
 
 def shared_libraries(binary: str, cache: Path | None = None) -> list[str]:
     """The libraries the dynamic loader maps for `binary` (as ldd lists them). ldd costs a
-    VM's start about 13 ms, so with `cache` (a directory of the caller's own) the answer
-    is kept there for as long as the binary is the same file."""
+    VM's start about 13 ms, so with `cache` (a directory of the caller's own: the image
+    cache) the answer is kept there for as long as the binary is the same file."""
     st = os.stat(binary)
     key = hashlib.sha256(f"{binary}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     kept = cache / f".qemu-libraries-{key}" if cache is not None else None
@@ -99,7 +99,8 @@ def shared_libraries(binary: str, cache: Path | None = None) -> list[str]:
         raise JailError(f"cannot list the libraries of {binary} with ldd: {exc}") from None
     found = sorted(set(re.findall(r"(?:=>\s*)?(/\S+)\s+\(0x", out)))
     if kept is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # no cache (a user without a home): ldd next time too
+            cache.mkdir(parents=True, exist_ok=True)
             partial = kept.with_suffix(f".{os.getpid()}")
             partial.write_text("".join(f"{lib}\n" for lib in found))
             os.replace(partial, kept)

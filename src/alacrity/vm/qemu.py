@@ -20,6 +20,7 @@ from pathlib import Path
 from . import jail
 from .accel import AccelChoice, choose_accel
 from .console import ConsoleScanner, follow_file, pump_stream
+from .image import cache_root
 from .machine import DEFAULT_MACHINE, machine
 from .runtime import (
     VmError,
@@ -252,7 +253,7 @@ class VM:
             self.cgroup = jail.make_cgroup(spec.name, spec.mem_mib, spec.cpus) if as_root else ""
             sandbox = jail.JailSpec(
                 uid=uid, root=str(root), writable=str(self.qemu_dir),
-                read_only=[binary, *jail.shared_libraries(binary, cache=self.run_dir.parent),
+                read_only=[binary, *jail.shared_libraries(binary, cache=cache_root()),
                            *(p for p in jail.QEMU_DATA if os.path.exists(p)), str(spec.kernel),
                            str(spec.initrd)],
                 sockets=jail.chardev_paths(cmd),
