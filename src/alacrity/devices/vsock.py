@@ -242,6 +242,9 @@ class VsockSession(Session):
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.eventfd_write(bell, 1)
 
+    def buffers_are_work(self, index: int) -> bool:
+        return index != RX  # the guest's receive buffers are room; replies ring the doorbell
+
     def process(self, index: int, queue: DeviceQueue) -> int:
         if index == TX:
             done = self._transmit(queue)

@@ -176,7 +176,7 @@ class RingWorker(threading.Thread):
             with conn.lock:
                 if vring.queue is not queue:
                     continue
-                if queue.enable_notify():
+                if queue.enable_notify() and session.buffers_are_work(index):
                     continue
                 kick = vring.kick
             if kick is None:

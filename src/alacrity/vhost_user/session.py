@@ -44,6 +44,13 @@ class Session:
         QueueError (a malformed ring) breaks the connection."""
         return 0
 
+    def buffers_are_work(self, index: int) -> bool:
+        """Whether buffers waiting in ring `index` are work in themselves (requests: blk,
+        rng, a transmit ring). A receive ring's buffers are only room: its work is what the
+        device has to say, announced by `doorbell`, so its worker sleeps with buffers
+        waiting instead of spinning over them."""
+        return True
+
     def doorbell(self, index: int) -> int | None:
         """An eventfd the device writes when ring `index` has work that no kick announces
         (bytes from the host for a receive ring); the ring's worker wakes on it as on a kick
