@@ -33,6 +33,11 @@ class Daemon:
     env: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)  # more alacrityd options, e.g. --metrics
 
+    def __post_init__(self) -> None:
+        if not self.env:
+            self.env = {**os.environ, "ALACRITY_RUN_DIR": str(self.run_dir),
+                        "ALACRITY_ADMIN": str(self.admin), "ALACRITY_VM_DIR": str(self.root / "vms")}
+
     @property
     def admin(self) -> Path:
         return self.root / "admin"
@@ -164,12 +169,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     need(fuse_available(), "FUSE is not available (/dev/fuse or fusermount3 missing)")
     need(os.geteuid() == 0, "alacrityd needs root (FUSE allow_other, membership as root)")
     d = Daemon(tmp_path)
-    d.env = {
-        **os.environ,
-        "ALACRITY_RUN_DIR": str(d.run_dir),
-        "ALACRITY_ADMIN": str(d.admin),
-        "ALACRITY_VM_DIR": str(tmp_path / "vms"),
-    }
     d.start()
     try:
         yield d

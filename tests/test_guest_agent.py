@@ -23,8 +23,6 @@ class Lab:
     def __init__(self, root: Path, image) -> None:
         self.root, self.image = root, image
         self.daemon = Daemon(root)
-        self.daemon.env = {**os.environ, "ALACRITY_RUN_DIR": str(self.daemon.run_dir),
-                           "ALACRITY_ADMIN": str(self.daemon.admin), "ALACRITY_VM_DIR": str(root / "vms")}
 
     def cli(self, *args: str, input: bytes = b"", timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([*CLI, *args], env=self.daemon.env, input=input, capture_output=True,

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ import pytest
 from alacrity.vm import jail
 from alacrity.vm.runtime import list_vms
 from tests.conftest import Daemon, fuse_available, need
-from tests.test_gate_attacks import AS_NOBODY, PLAIN_PYTHON, searchable_by_others
+from tests.test_gate_attacks import AS_NOBODY, PLAIN_PYTHON, searchable_by_others, wait_for
 
 pytestmark = pytest.mark.vm
 
@@ -45,24 +44,12 @@ def uids_running() -> set[int]:
     return found
 
 
-def wait_for(what, predicate, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class Lab:
     """alacrityd with two buses, each with a disk, one switch in both, and a VM on each."""
 
     def __init__(self, root: Path, image) -> None:
         self.root, self.image = root, image
         self.daemon = Daemon(root, args=["--id-range", f"{ID_START}:{ID_COUNT}"])
-        self.daemon.env = {**os.environ, "ALACRITY_RUN_DIR": str(self.daemon.run_dir),
-                           "ALACRITY_ADMIN": str(self.daemon.admin), "ALACRITY_VM_DIR": str(root / "vms")}
         self.vms: dict[str, subprocess.Popen] = {}
 
     def start(self) -> Lab:
@@ -80,8 +67,8 @@ class Lab:
         self.vms[name] = subprocess.Popen(argv, env=self.daemon.env, stdout=subprocess.DEVNULL,
                                           stderr=open(self.root / f"{name}.err", "wb"),  # noqa: SIM115
                                           start_new_session=True)
-        wait_for(f"{name} to boot", lambda: log.exists() and b"ALACRITY-READY" in log.read_bytes()
-                 or self._died(name))
+        wait_for(lambda: log.exists() and b"ALACRITY-READY" in log.read_bytes() or self._died(name),
+                 timeout=120, what=f"{name} to boot")
 
     def _died(self, name: str) -> bool:
         if self.vms[name].poll() is not None:
@@ -282,7 +269,7 @@ def test_uids_are_per_vm_and_free_again_after_stop(lab):
     uid_b = int(status_of(lab.qemu("b"))["Uid"].split()[0])
     assert uid_a != uid_b
     lab.stop_vm("a")
-    wait_for("a's uid to be free", lambda: uid_a not in uids_running(), timeout=30)
+    wait_for(what="a's uid to be free", predicate=lambda: uid_a not in uids_running(), timeout=30)
     lab.run_vm("c", "j1")
     assert int(status_of(lab.qemu("c"))["Uid"].split()[0]) == uid_a
 
@@ -340,8 +327,9 @@ def test_a_listed_user_runs_a_jailed_guest_without_sudo(lab, tmp_path):
     guest = subprocess.Popen([*run, "--cmd", "sleep 600"], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, start_new_session=True)
     try:
-        wait_for("nobody's guest to boot", lambda: (log.exists() and b"ALACRITY-READY" in log.read_bytes())
-                 or (guest.poll() is not None and AssertionError(guest.stderr.read())))
+        wait_for(lambda: (log.exists() and b"ALACRITY-READY" in log.read_bytes())
+                 or (guest.poll() is not None and AssertionError(guest.stderr.read())),
+                 timeout=120, what="nobody's guest to boot")
         assert guest.poll() is None, guest.stderr.read()
         rec = next(r for r in list_vms(Path(env["ALACRITY_VM_DIR"]), prune=False) if r.name == "mine")
         qemu = jail.jailed_pid(rec.pid)
@@ -367,7 +355,6 @@ def test_users_are_checked_when_root_writes_them_and_survive_a_restart(tmp_path)
     need(fuse_available(), "FUSE is not available (/dev/fuse or fusermount3 missing)")
     need(os.geteuid() == 0, "alacrityd needs root")
     d = Daemon(tmp_path, args=["--id-range", f"{ID_START}:{ID_COUNT}"])
-    d.env = {**os.environ, "ALACRITY_RUN_DIR": str(d.run_dir), "ALACRITY_ADMIN": str(d.admin)}
     d.start()
     try:
         d.sh("mkdir $A/buses/lab")
@@ -435,7 +422,7 @@ def test_a_killed_vm_run_leaves_no_jailed_qemu_behind(lab):
     rec = next(r for r in list_vms(lab.root / "vms", prune=False) if r.name == "k")
     lab.vms["k"].kill()  # SIGKILL to vm run alone, not its group
     lab.vms.pop("k").wait()
-    wait_for("the jailer and QEMU to go", lambda: not any(
+    wait_for(what="the jailer and QEMU to go", predicate=lambda: not any(
         os.path.exists(f"/proc/{pid}") and status_of(pid).get("State", "Z").split()[0] not in "ZX"
         for pid in (rec.pid, qemu)), timeout=15)
 
@@ -465,9 +452,9 @@ def test_a_detached_vm_runs_on_after_vm_run_and_stays_on_its_bus(lab):
         stop = subprocess.run([*cli, "stop", "det"], env=lab.daemon.env, capture_output=True, text=True,
                               timeout=60)
     assert stop.returncode == 0, stop.stderr
-    wait_for("the detached VM to go", lambda: not os.path.exists(f"/proc/{qemu}") or
+    wait_for(what="the detached VM to go", predicate=lambda: not os.path.exists(f"/proc/{qemu}") or
              status_of(qemu)["State"].split()[0] in "ZX", timeout=30)
-    wait_for("its jailer to leave the bus", lambda: str(rec.pid) not in
+    wait_for(what="its jailer to leave the bus", predicate=lambda: str(rec.pid) not in
              (lab.daemon.admin / "buses/jd/members").read_text().split(), timeout=30)
 
 

@@ -497,7 +497,6 @@ def blk_rig(tmp_path_factory) -> Iterator[BlkRig]:
     need(os.geteuid() == 0, "alacrityd needs root (FUSE allow_other, membership as root)")
     root = tmp_path_factory.mktemp("alacrityd")
     daemon = Daemon(root)
-    daemon.env = {**os.environ, "ALACRITY_RUN_DIR": str(daemon.run_dir), "ALACRITY_ADMIN": str(daemon.admin)}
     daemon.start()
     rig = BlkRig.__new__(BlkRig)
     try:

@@ -45,8 +45,6 @@ def served(tmp_path):
     need(os.geteuid() == 0, "alacrityd needs root")
     port = free_port()
     d = Daemon(tmp_path, args=["--metrics", f"127.0.0.1:{port}"])
-    d.env = {**os.environ, "ALACRITY_RUN_DIR": str(d.run_dir), "ALACRITY_ADMIN": str(d.admin),
-             "ALACRITY_VM_DIR": str(tmp_path / "vms")}
     d.start()
     d.port = port  # type: ignore[attr-defined]
     try:

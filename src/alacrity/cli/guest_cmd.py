@@ -160,6 +160,8 @@ def cp(args: argparse.Namespace) -> int:
             _get(src.group(1), src.group(2), Path(args.dst), args.wait)
     except VmError as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:  # a host file we cannot read or write
+        raise UserError(f"{exc.filename or args.dst}: {exc.strerror or exc}") from None
     return 0
 
 

@@ -11,10 +11,11 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import initramfs
 
 #: The jailer's exit status when it could not make the jail (vm/jailer.py).
 JAIL_FAILED = 125
@@ -94,10 +95,11 @@ def shared_libraries(binary: str, cache: Path | None = None) -> list[str]:
             if kept.stat().st_uid == os.geteuid():  # written by us, not planted by someone
                 return kept.read_text().splitlines()
     try:
-        out = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
+        found = sorted({str(lib) for lib in initramfs.shared_libraries(Path(binary))})
+    except OSError as exc:
         raise JailError(f"cannot list the libraries of {binary} with ldd: {exc}") from None
-    found = sorted(set(re.findall(r"(?:=>\s*)?(/\S+)\s+\(0x", out)))
+    if not found:
+        raise JailError(f"ldd lists no libraries for {binary}, so its jail would not start it")
     if kept is not None:
         with contextlib.suppress(OSError):  # no cache (a user without a home): ldd next time too
             cache.mkdir(parents=True, exist_ok=True)
@@ -105,17 +107,6 @@ def shared_libraries(binary: str, cache: Path | None = None) -> list[str]:
             partial.write_text("".join(f"{lib}\n" for lib in found))
             os.replace(partial, kept)
     return found
-
-
-def chardev_paths(argv: list[str]) -> list[str]:
-    """The socket paths that `-chardev socket,...,path=P` options name (`,,` is a comma)."""
-    paths = []
-    for option, value in zip(argv, argv[1:], strict=False):
-        if option == "-chardev" and value.startswith("socket,"):
-            m = re.search(r"(?:^|,)path=((?:[^,]|,,)*)", value)
-            if m:
-                paths.append(m.group(1).replace(",,", ","))
-    return paths
 
 
 def jailed_pid(jailer: int) -> int | None:

@@ -181,13 +181,16 @@ def _with_logfile(extra: list[str], chardev: str, log: Path) -> list[str]:
     return out
 
 
-def _chardev_path(args: list[str], ident: str) -> str | None:
-    """The socket path of chardev `ident` in a QEMU command line."""
-    for option in args:
-        m = re.match(rf"socket,id={re.escape(ident)},path=((?:[^,]|,,)*)", option)
-        if m:
-            return m.group(1).replace(",,", ",")
-    return None
+def chardev_sockets(args: list[str]) -> dict[str, str]:
+    """The socket path of each `-chardev socket,...` in a QEMU command line, by chardev id
+    (`,,` in a value is a comma)."""
+    found = {}
+    for option, value in zip(args, args[1:], strict=False):
+        if option == "-chardev" and value.startswith("socket,"):
+            fields = dict(re.findall(r"(?:^|,)(id|path)=((?:[^,]|,,)*)", value))
+            if "path" in fields:
+                found[fields.get("id", "").replace(",,", ",")] = fields["path"].replace(",,", ",")
+    return found
 
 
 class VM:
@@ -256,7 +259,7 @@ class VM:
                 read_only=[binary, *jail.shared_libraries(binary, cache=cache_root()),
                            *(p for p in jail.QEMU_DATA if os.path.exists(p)), str(spec.kernel),
                            str(spec.initrd)],
-                sockets=jail.chardev_paths(cmd),
+                sockets=list(chardev_sockets(cmd).values()),
                 devices=["null", "urandom"] + (["kvm"] if self.accel.accel == "kvm" else []),
                 mem_mib=spec.mem_mib, cpus=spec.cpus, cgroup=self.cgroup, user_namespace=not as_root,
                 join={"control": spec.detach_control, "bus": spec.detach_bus} if spec.detach_bus else None)
@@ -369,7 +372,7 @@ class VM:
         self._nic_failures += len(failed)
         if self._nic_failures >= NIC_INIT_ATTEMPTS:
             m = re.search(r"vhost-user,id=([^,]+),", failed[-1]) if failed else None
-            socket = _chardev_path(self.command(), m.group(1)) if m else None
+            socket = chardev_sockets(self.command()).get(m.group(1)) if m else None
             what = f"the NIC on {socket}" if socket else "a NIC"
             raise VmError(f"QEMU cannot set up {what}: the vhost-user backend closed the connection "
                           f"during setup, {self._nic_failures} times (a switch on a bus refuses "
