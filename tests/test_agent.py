@@ -220,3 +220,41 @@ def test_requests_the_agent_would_refuse_are_refused_here():
         protocol.exec_request(["true"], {"A=B": "c"})
     with pytest.raises(ValueError):
         protocol.signal(0)
+
+
+def test_an_empty_stdin_is_ended_once():
+    """Stdin from a file at its end (/dev/null): one end-of-input frame, then the host waits
+    for the command instead of repeating it (the agent's side is this test, on a real
+    socket pair)."""
+    host, agent_side = socket.socketpair()
+    null = os.open(os.devnull, os.O_RDONLY)
+    frames: list[tuple[int, bytes]] = []
+
+    def agent_role():
+        with agent_side:
+            buf = b""
+            deadline = time.monotonic() + 0.5  # time for a looping host to send many frames
+            agent_side.settimeout(0.05)
+            while time.monotonic() < deadline:
+                try:
+                    buf += agent_side.recv(1 << 16)
+                except TimeoutError:
+                    continue
+            while len(buf) >= 8:
+                length, kind = struct.unpack_from("<II", buf)
+                frames.append((kind, buf[8 : 8 + length]))
+                buf = buf[8 + length :]
+            agent_side.sendall(protocol.frame(protocol.STARTED, struct.pack("<I", 1))
+                               + protocol.frame(protocol.EXITED, struct.pack("<II", 0, 0)))
+
+    thread = threading.Thread(target=agent_role)
+    thread.start()
+    try:
+        with host:
+            result = run(host, ["true"], env=ENV, stdin=null, timeout=10)
+    finally:
+        os.close(null)
+        thread.join()
+    assert result.status == 0
+    assert [kind for kind, _ in frames] == [protocol.EXEC, protocol.STDIN]
+    assert frames[1][1] == b""

@@ -22,6 +22,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -65,14 +66,31 @@ static void write_all(int fd, const void *buf, size_t len)
     }
 }
 
+/* Header and data in one writev: over vsock a separate 8-byte write is a packet of its own. */
 static void send_frame(uint32_t type, const void *data, uint32_t len)
 {
     uint8_t head[8];
     memcpy(head, &len, 4); /* x86 and arm64 guests are little-endian, as the wire is */
     memcpy(head + 4, &type, 4);
-    write_all(conn, head, 8);
-    if (len)
-        write_all(conn, data, len);
+    struct iovec iov[2] = {{head, 8}, {(void *)data, len}};
+    struct iovec *v = iov;
+    int count = len ? 2 : 1;
+    while (count) {
+        ssize_t n = writev(conn, v, count);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            die("write");
+        while (count && (size_t)n >= v->iov_len) {
+            n -= (ssize_t)v->iov_len;
+            v++;
+            count--;
+        }
+        if (count) {
+            v->iov_base = (uint8_t *)v->iov_base + n;
+            v->iov_len -= (size_t)n;
+        }
+    }
 }
 
 static void send_u32s(uint32_t type, uint32_t a, uint32_t b, int two)
@@ -104,8 +122,20 @@ static int read_exact(int fd, void *buf, size_t len)
     return 1;
 }
 
-/* One frame into a fresh buffer; returns its type, or -1 at EOF. */
-static int read_frame(uint8_t **data, uint32_t *len)
+/* A frame's body into a fresh, NUL-terminated buffer. */
+static uint8_t *read_body(uint32_t len)
+{
+    uint8_t *data = malloc(len + 1);
+    if (!data)
+        die("malloc");
+    if (len && !read_exact(conn, data, len))
+        die("eof in a frame");
+    data[len] = 0;
+    return data;
+}
+
+/* A frame's header: its type (-1 at EOF), and its length in *len (checked). */
+static int read_head(uint32_t *len)
 {
     uint8_t head[8];
     uint32_t type;
@@ -115,13 +145,17 @@ static int read_frame(uint8_t **data, uint32_t *len)
     memcpy(&type, head + 4, 4);
     if (*len > MAX_FRAME)
         die("frame too large");
-    *data = malloc(*len + 1);
-    if (!*data)
-        die("malloc");
-    if (*len && !read_exact(conn, *data, *len))
-        die("eof in a frame");
-    (*data)[*len] = 0;
     return (int)type;
+}
+
+/* One frame into a fresh buffer; returns its type, or -1 at EOF. */
+static int read_frame(uint8_t **data, uint32_t *len)
+{
+    int type = read_head(len);
+    if (type < 0)
+        return -1;
+    *data = read_body(*len);
+    return type;
 }
 
 struct request {
@@ -277,8 +311,10 @@ static void serve(void)
     int stdin_fd = master >= 0 ? master : in[1];
     int out_fd = out[0], err_fd = err[0];
     set_nonblock(stdin_fd);
+    /* Stdin waiting for the command: pending[pend_off, pend_off + pend_len). Writes move
+     * pend_off; the bytes move back to the front only when a frame would not fit after them. */
     uint8_t *pending = malloc(STDIN_ROOM), buf[CHUNK];
-    size_t pend_len = 0;
+    size_t pend_off = 0, pend_len = 0;
     int stdin_eof = 0, exited = 0, status = 0, host_open = 1;
     if (!pending)
         die("malloc");
@@ -341,29 +377,39 @@ static void serve(void)
             }
         }
         if (i_in >= 0 && fds[i_in].revents) {
-            ssize_t put = write(stdin_fd, pending, pend_len);
+            ssize_t put = write(stdin_fd, pending + pend_off, pend_len);
             if (put > 0) {
-                memmove(pending, pending + put, pend_len - (size_t)put);
                 pend_len -= (size_t)put;
+                pend_off = pend_len ? pend_off + (size_t)put : 0;
             } else if (put < 0 && errno != EAGAIN && errno != EINTR) {
                 pend_len = 0; /* the command closed its stdin: what it did not read is dropped */
                 stdin_eof = 1;
             }
         }
         if (i_conn >= 0 && fds[i_conn].revents) {
+            type = read_head(&len);
             data = NULL; /* the EXEC frame's buffer stays: argv points into it */
-            type = read_frame(&data, &len);
+            if (type == STDIN_DATA && len && !stdin_eof && stdin_fd >= 0) {
+                if (len > STDIN_ROOM - pend_len)
+                    die("stdin past its window");
+                if (len > STDIN_ROOM - pend_off - pend_len) {
+                    memmove(pending, pending + pend_off, pend_len);
+                    pend_off = 0;
+                }
+                if (!read_exact(conn, pending + pend_off + pend_len, len))
+                    die("eof in a frame");
+                pend_len += len;
+            } else if (type >= 0) {
+                data = read_body(len);
+            }
             if (type < 0) {
                 host_open = 0; /* the host went away: so does the command */
                 kill(-pid, SIGHUP);
                 kill(-pid, SIGKILL);
             } else if (type == STDIN_DATA && len == 0) {
                 stdin_eof = 1;
-            } else if (type == STDIN_DATA && !stdin_eof && stdin_fd >= 0) {
-                if (len > STDIN_ROOM - pend_len)
-                    die("stdin past its window");
-                memcpy(pending + pend_len, data, len);
-                pend_len += len;
+            } else if (type == STDIN_DATA) {
+                /* taken above, or dropped: the command's stdin is closed */
             } else if (type == SIGNAL && len == 4) {
                 uint32_t sig;
                 memcpy(&sig, data, 4);

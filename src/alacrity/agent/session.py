@@ -73,9 +73,9 @@ def run(sock: socket.socket, argv: Sequence[str], *, env: dict[str, str] | None 
                 elif not always_ready:
                     sel.unregister(feed_fd)
             if feeding and always_ready:  # read a chunk each turn, without waiting on it
-                fed = _feed(feed_fd, out, fed, progress)
-                if fed < 0:
-                    feed_fd, feeding, fed = None, False, -fed
+                fed, at_end = _feed(feed_fd, out, fed, progress)
+                if at_end:
+                    feed_fd, feeding = None, False
                 wait = 0
             for key, events in sel.select(wait):
                 if key.fileobj is sock and events & selectors.EVENT_WRITE and out:
@@ -110,24 +110,25 @@ def run(sock: socket.socket, argv: Sequence[str], *, env: dict[str, str] | None 
                         elif isinstance(event, Exited):
                             ended = event
                 elif key.fileobj == feed_fd and feed_fd is not None:
-                    fed = _feed(feed_fd, out, fed, progress)
-                    if fed < 0:
+                    fed, at_end = _feed(feed_fd, out, fed, progress)
+                    if at_end:
                         sel.unregister(feed_fd)
-                        feed_fd, feeding, fed = None, False, -fed
+                        feed_fd, feeding = None, False
     finally:
         sel.close()
     return Result(ended.status, ended.signal, bytes(collected[1]), bytes(collected[2]))
 
 
-def _feed(fd: int, out: bytearray, fed: int, progress: Callable[[int], None] | None) -> int:
-    """One chunk of stdin from `fd` into `out`: the bytes fed so far, negated at its end
-    (when end of input has been queued too)."""
+def _feed(fd: int, out: bytearray, fed: int,
+          progress: Callable[[int], None] | None) -> tuple[int, bool]:
+    """One chunk of stdin from `fd` into `out`: the bytes fed so far, and whether its end
+    was reached (end of input is then queued too)."""
     data = os.read(fd, protocol.STDIN_CHUNK)
     out += protocol.frame(protocol.STDIN, data) if data else protocol.stdin_end()
     fed += len(data)
     if progress is not None:
         progress(fed)
-    return fed if data else -fed
+    return fed, not data
 
 
 __all__ = ["AgentError", "CommandFailed", "Result", "run"]

@@ -223,6 +223,8 @@ class VsockSession(Session):
             stats = self.sockets.stats.as_dict()
             streams = len(self.sockets.conns)
         lines = [f"cid {self.cid}", f"pid {self.pid}", f"streams {streams}"]
+        if self.conn is not None:  # notifications: the guest's kicks, our interrupts
+            lines += [f"kicks {self.conn.kicks}", f"calls {self.conn.calls}"]
         lines += [f"{k} {v}" for k, v in stats.items()]
         return "\n".join(lines) + "\n"
 
