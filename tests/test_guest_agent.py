@@ -188,6 +188,35 @@ def test_100_execs_at_once(lab):
     assert out.returncode == 0 and out.stdout == b"bad []\n", out.stdout + out.stderr[-3000:]
 
 
+def test_the_guest_keeps_its_vsock_through_a_daemon_crash(lab):
+    """kill -9 of the daemon: the VM runs on, and once a new daemon has started, execs work
+    again with the guest's CID unchanged (QEMU 7.2's vhost-user-vsock never reconnects: the
+    keeper held the connection, and the new daemon resumed it)."""
+    guests = lab.daemon.admin / "devices" / "vs0" / "guests"
+    before = (guests / "srv").read_text()
+    qemu_pid = int(before.split("pid ")[1].split()[0])
+    loop = "while :; do echo x; sleep 0.05; done"
+    streaming = subprocess.Popen([*CLI, "vm", "exec", "srv", "--", "sh", "-c", loop], env=lab.daemon.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert streaming.stdout.readline() == b"x\n"
+        lab.daemon.kill9()
+        assert streaming.wait(30) != 0  # its stream was the dead daemon's: it ends
+    finally:
+        streaming.kill()
+        streaming.wait()
+    os.kill(qemu_pid, 0)  # the VM runs on
+    lab.daemon.start()
+    out = lab.cli("vm", "exec", "srv", "--wait", "30", "--", "sh", "-c", "echo back; cat /proc/uptime")
+    assert out.returncode == 0 and out.stdout.startswith(b"back\n"), out.stderr
+    after = (guests / "srv").read_text()
+    assert after.split()[:4] == before.split()[:4], (before, after)  # cid and pid
+    assert "resumed srv as CID 3" in lab.daemon.log.read_text()
+    data = os.urandom(1 << 20)
+    out = lab.cli("vm", "exec", "srv", "--", "sha256sum", input=data)
+    assert out.returncode == 0 and out.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
 # Last: it stops the agent of srv.
 def test_errors_say_what_to_do(lab, tmp_path):
     out = lab.cli("vm", "exec", "nosuchvm", "--", "true")

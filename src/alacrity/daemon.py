@@ -16,7 +16,8 @@ from alacrity.bus import metrics
 from alacrity.bus.gate import Gate
 from alacrity.bus.model import Model
 from alacrity.devices.base import reserve_paths
-from alacrity.vhost_user import eventfd, sigbus
+from alacrity.errors import AdminError
+from alacrity.vhost_user import eventfd, keeper, sigbus
 
 log = logging.getLogger("alacrity.daemon")
 
@@ -54,6 +55,7 @@ class Daemon:
         # No image may be the daemon's own: its tree, its sockets, its database.
         db = str(cfg.database)
         reserve_paths(cfg.mountpoint, cfg.run_dir, db, f"{db}-journal", f"{db}-wal", f"{db}-shm")
+        self._resume(keeper.configure(cfg.run_dir))
         (cfg.run_dir / "alacrityd.pid").write_text(f"{os.getpid()}\n")
         log.info(
             "alacrityd %d: admin tree %s, sockets %s, configuration %s",
@@ -63,6 +65,24 @@ class Daemon:
             cfg.database,
         )
 
+    def _resume(self, taken: list[keeper.Kept]) -> None:
+        """Connections an earlier daemon's keeper held through its crash go back to their
+        devices; one whose device is gone is closed."""
+        for kept in taken:
+            name = kept.meta.get("device")
+            try:
+                instance = self.model.device(name).instance if isinstance(name, str) else None
+            except AdminError:  # no such device any more
+                instance = None
+            if instance is not None and hasattr(instance, "resume"):
+                instance.resume(kept)
+                continue
+            log.warning("keeper: %s: device %s is gone; closing", kept.meta.get("label"), name)
+            kept.sock.close()
+            for _, fds in kept.messages:
+                for fd in fds:
+                    os.close(fd)
+
     def stop(self) -> None:
         if self.stopped.is_set():
             return
@@ -71,6 +91,9 @@ class Daemon:
         self.metrics.stop()
         self.gate.stop()
         self.model.close()
+        kept = keeper.current()
+        if kept is not None:
+            kept.bye()
         (self.config.run_dir / "alacrityd.pid").unlink(missing_ok=True)
         log.info("alacrityd stopped")
 

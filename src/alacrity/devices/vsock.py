@@ -34,7 +34,9 @@ from alacrity.devices.base import (
 from alacrity.devices.vsock_host import HostLoop
 from alacrity.devices.vsock_proto import BUF_ALLOC, GuestError, GuestSockets
 from alacrity.errors import AdminError
+from alacrity.vhost_user import keeper
 from alacrity.vhost_user.connection import Connection
+from alacrity.vhost_user.messages import ProtocolError
 from alacrity.vhost_user.session import Session
 from alacrity.virtio.device_queue import Chain, DeviceQueue
 from alacrity.virtio.ring import QueueError
@@ -67,6 +69,15 @@ def take_cid(base: int) -> int | None:
                 _cids.add(cid)
                 return cid
     return None
+
+
+def take_this_cid(cid: int) -> bool:
+    """Take `cid` itself (a guest that had it before the daemon restarted); False if taken."""
+    with _cids_lock:
+        if cid in _cids or not CID_MIN <= cid <= CID_MAX:
+            return False
+        _cids.add(cid)
+        return True
 
 
 def give_cid(cid: int) -> None:
@@ -141,7 +152,51 @@ class VsockDevice(Device):
         sock.setblocking(True)
         assert isinstance(session, VsockSession)
         session.conn = Connection(sock, session, label, on_error=self.record_error)
+        # QEMU 7.2's vhost-user-vsock never reconnects: a keeper holds the connection
+        # through a daemon crash, and the next daemon resumes it (`resume`).
+        kept = keeper.current()
+        if kept is not None:
+            session.conn.recorder = kept.keep(sock, {"device": self.name, "cid": session.cid,
+                                                     "pid": pid, "label": label})
         session.conn.serve()
+
+    def resume(self, kept: keeper.Kept) -> None:
+        """Serve again a guest an earlier daemon served, with the CID it has: the keeper
+        held its connection through that daemon's crash (vhost_user/keeper.py)."""
+        sock, meta = kept.sock, kept.meta
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", creds)[0]  # as the kernel recorded it at connect time
+        cid = meta.get("cid")
+        if pid != meta.get("pid") or not isinstance(cid, int) or not take_this_cid(cid):
+            log.warning("vsock %s: cannot resume %s (CID %s)", self.name, meta.get("label"), cid)
+            sock.close()
+            for _, fds in kept.messages:
+                for fd in fds:
+                    os.close(fd)
+            return
+        session = VsockSession(self, cid, qemu_name_of(pid) or f"pid{pid}", pid)
+        with self.lock:
+            self.guests[cid] = session
+            self.counters["connections"] += 1
+            self.counters["guest_count"] = len(self.guests)
+        label = str(meta.get("label", f"{self.name}[pid {pid}]"))
+        session.conn = Connection(sock, session, label, on_error=self.record_error)
+        keeper_link = keeper.current()
+        if keeper_link is not None:
+            session.conn.recorder = keeper_link.resumed(kept)
+        self.host.start()
+        log.info("vsock %s: resumed %s as CID %d", self.name, session.name, cid)
+        threading.Thread(target=self._resume, args=(session.conn, kept), name=label, daemon=True).start()
+
+    @staticmethod
+    def _resume(conn: Connection, kept: keeper.Kept) -> None:
+        try:
+            conn.resume(kept.messages, kept.answered)
+        except (ProtocolError, QueueError, OSError) as exc:
+            conn.fail(f"could not resume: {exc}")
+            conn.close()
+            return
+        conn.serve()
 
     def refusal(self, peer_pid: int) -> str | None:
         with self.lock:

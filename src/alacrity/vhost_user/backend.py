@@ -384,6 +384,15 @@ class Backend:
             self.actions.append(Action("stop", vring.index))
             self.session.stop(vring.index)
 
+    def resume_rings(self) -> None:
+        """After a replay (Connection.resume): each running ring goes on from its used
+        index, what the earlier daemon completed (every chain it took it also returned),
+        not from the base the frontend gave when the ring started. Sessions must take their
+        queue from `process`, as they all do, not keep the one `start` gave them."""
+        for vring in self.vrings:
+            if vring.queue is not None:
+                vring.queue = self._make_queue(vring, vring.queue.used_idx)
+
     def close(self) -> list[int]:
         """The connection ended: every fd still held, for the edge to close."""
         fds = [fd for action in self.actions for fd in action.closing] + self.framer.fds

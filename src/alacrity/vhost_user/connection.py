@@ -15,10 +15,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from alacrity.vhost_user.backend import Action, Backend
 from alacrity.vhost_user.eventfd import drain, notify
-from alacrity.vhost_user.messages import MAX_FDS, ProtocolError
+from alacrity.vhost_user.messages import HEADER, MAX_FDS, Message, ProtocolError
 from alacrity.vhost_user.session import Session
 from alacrity.virtio.ring import QueueError
 
@@ -26,6 +27,14 @@ log = logging.getLogger("alacrity.vhost_user")
 
 #: How long a ring worker keeps polling after its last request before it sleeps.
 POLL_BUDGET_S = 50e-6
+
+
+class Recorder(Protocol):
+    """Where a connection that must outlive the daemon reports (vhost_user/keeper.py)."""
+
+    def message(self, raw: bytes, fds: list[int]) -> None: ...
+    def answered(self) -> None: ...
+    def closed(self) -> None: ...
 
 
 def signal_error(backend: Backend) -> None:
@@ -58,6 +67,26 @@ class Connection:
         self.closed = threading.Event()
         self.kicks = 0
         self.calls = 0
+        self.recorder: Recorder | None = None
+
+    def resume(self, messages: list[tuple[bytes, list[int]]], answered: int) -> None:
+        """Take over a connection an earlier daemon served (vhost_user/keeper.py): replay
+        what the frontend sent it, go on from each ring's used index, answer the one message
+        that daemon may have died before answering; then `serve()`."""
+        actions: list[Action] = []
+        reply = None
+        for raw, fds in messages:
+            for msg in self.backend.feed(raw, fds):
+                with self.lock:
+                    reply, more = self.backend.step(msg)
+                actions += more
+        with self.lock:
+            self.backend.resume_rings()
+        self._apply(actions)
+        if answered < len(messages) and reply is not None:
+            self.sock.sendall(reply)
+            if self.recorder is not None:
+                self.recorder.answered()
 
     def serve(self) -> None:
         backend = self.backend
@@ -70,11 +99,15 @@ class Connection:
                     log.info("%s: peer closed the connection", self.label)
                     return
                 for msg in backend.feed(data, fds):
+                    if self.recorder is not None:  # before step: it closes the fds
+                        self.recorder.message(_raw(msg), msg.fds)
                     with self.lock:
                         reply, actions = backend.step(msg)
                     self._apply(actions)
                     if reply is not None:
                         self.sock.sendall(reply)
+                    if self.recorder is not None:
+                        self.recorder.answered()
         except ProtocolError as exc:
             self.fail(f"protocol error: {exc}")
         except OSError as exc:
@@ -121,8 +154,15 @@ class Connection:
             fds = self.backend.close()
         for fd in fds:
             os.close(fd)
+        if self.recorder is not None:
+            self.recorder.closed()
         self.session.close()
         self.sock.close()
+
+
+def _raw(msg: Message) -> bytes:
+    """A message as the frontend sent it."""
+    return HEADER.pack(msg.request, msg.flags, len(msg.payload)) + msg.payload
 
 
 class RingWorker(threading.Thread):
