@@ -97,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     vm_sub.add_parser("list", help="list running VMs")
     stop = vm_sub.add_parser("stop", help="power a VM off (then kill it)")
     stop.add_argument("name")
-    from alacrity.cli import console_cmd, guest_cmd
+    from alacrity.cli import console_cmd, guest_cmd, migrate_cmd
 
     console_cmd.add_parser(vm_sub)
     guest_cmd.add_parsers(vm_sub)
+    migrate_cmd.add_parser(vm_sub)
 
     bus = sub.add_parser("bus", help="see your bus through the gate, or run a command in a bus")
     bus_sub = bus.add_subparsers(dest="bus_command", required=True, metavar="ACTION")
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             from alacrity.cli import guest_cmd
 
             return guest_cmd.exec_(args) if args.vm_command == "exec" else guest_cmd.cp(args)
+        if args.command == "vm" and args.vm_command == "migrate":
+            from alacrity.cli import migrate_cmd
+
+            return migrate_cmd.run(args)
         if args.command == "vm":
             from alacrity.cli import vm_cmd
 

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import jail
@@ -75,6 +75,9 @@ class VmSpec:
     detach_bus: str | None = None
     detach_control: str = ""
     bus: str = ""  # the bus it runs on, for `vm list` and `vm exec` (recorded, not used)
+    # A migration's destination (vm/migrate.py): QEMU waits for the VM's state instead of
+    # booting it; its record stays in run_dir until the migration has succeeded.
+    incoming: bool = False
 
 
 def _opt(value: str | Path) -> str:
@@ -136,6 +139,8 @@ def build_command(spec: VmSpec, run_dir: Path, accel: AccelChoice) -> list[str]:
         "-append", kernel_append(spec),
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
     ]
+    if spec.incoming:
+        args += ["-incoming", "defer"]
     for g in m.globals_:
         args += ["-global", g]
     serial = serial_chardev(spec.devices)
@@ -253,7 +258,9 @@ class VM:
         root.mkdir(mode=0o755)
         try:
             binary = jail.qemu_binary(cmd[0])
-            self.cgroup = jail.make_cgroup(spec.name, spec.mem_mib, spec.cpus) if as_root else ""
+            # A migration's destination runs beside its source: a cgroup of its own.
+            group = f"{spec.name}.{self.run_dir.name}" if spec.incoming else spec.name
+            self.cgroup = jail.make_cgroup(group, spec.mem_mib, spec.cpus) if as_root else ""
             sandbox = jail.JailSpec(
                 uid=uid, root=str(root), writable=str(self.qemu_dir),
                 read_only=[binary, *jail.shared_libraries(binary, cache=cache_root()),
@@ -268,7 +275,7 @@ class VM:
         return jail.jailer_argv(sandbox, [binary, *cmd[1:], *jail.SANDBOX])
 
     def start(self) -> VM:
-        if find_vm(self.spec.name, self.run_dir.parent) is not None:
+        if not self.spec.incoming and find_vm(self.spec.name, self.run_dir.parent) is not None:
             raise VmError(f"a VM named {self.spec.name!r} is already running")
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir.mkdir(parents=True, mode=0o700)
@@ -290,7 +297,8 @@ class VM:
         self.record = VmRecord(self.spec.name, self.proc.pid,
                                proc_start_time(self.proc.pid) or 0, str(self.qmp_path),
                                time.time(), cmd, "stdio" if stdio else str(log), str(self.run_dir),
-                               self.spec.jail_uid, self.spec.bus)
+                               self.spec.jail_uid, self.spec.bus, self.spec.detach_bus is not None,
+                               spec_fields(self.spec), str(self.run_dir))
         write_record(self.record)
         if stdio:
             assert self.proc.stdout is not None
@@ -418,6 +426,17 @@ class VM:
             err = ""
         out = f"\n--- console tail ---\n{self.console.tail()}"
         return out + (f"\n--- qemu stderr ---\n{err}" if err else "")
+
+
+def spec_fields(spec: VmSpec) -> dict:
+    """`spec` as JSON-able fields, for the VM's record (`vm migrate` starts it again)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()}
+
+
+def spec_from_fields(fields: dict) -> VmSpec:
+    spec = VmSpec(**fields)
+    return replace(spec, kernel=Path(spec.kernel), initrd=Path(spec.initrd),
+                   run_dir=Path(spec.run_dir) if spec.run_dir else None)
 
 
 def _appender(path: Path) -> Callable[[bytes], None]:

@@ -36,12 +36,14 @@ class QmpClient:
         self.execute("qmp_capabilities")
         return self
 
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Send one command and return its "return" value; async events are kept aside."""
+    def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                fds: list[int] | None = None) -> Any:
+        """Send one command and return its "return" value; async events are kept aside.
+        `fds` go with it (SCM_RIGHTS), as `getfd` wants."""
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        self._send(msg)
+        self._send(msg, fds or [])
         deadline = time.monotonic() + self.timeout
         while True:
             reply = self._read(deadline)
@@ -65,10 +67,14 @@ class QmpClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: dict[str, Any], fds: list[int]) -> None:
         if self._sock is None:
             raise QmpError("not connected")
-        self._sock.sendall(json.dumps(msg).encode() + b"\n")
+        data = json.dumps(msg).encode() + b"\n"
+        if fds:
+            sent = socket.send_fds(self._sock, [data], fds)
+            data = data[sent:]
+        self._sock.sendall(data)
 
     def _read(self, deadline: float | None = None) -> dict[str, Any]:
         if self._sock is None:

@@ -32,6 +32,9 @@ class VmRecord:
     dir: str
     jail_uid: int | None = None  # the uid of the jailed QEMU; None: unjailed
     bus: str = ""  # the bus it was started on
+    detached: bool = False  # `vm run --detach`: nobody waits for it
+    spec: dict | None = None  # how to start it again elsewhere (`vm migrate`): VmSpec's fields
+    home: str = ""  # where its QEMU's files are (`dir`, or a migration's subdirectory of it)
 
 
 def runtime_root() -> Path:

@@ -1,0 +1,98 @@
+"""`alacrity vm migrate NAME`: move a running VM into a new QEMU, live."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from alacrity.cli.errors import UserError
+
+EPILOG = """\
+The VM keeps its name, its bus, its disks and its network: a new QEMU is started on the
+same bus, the guest's memory and devices are copied to it while the guest runs, and the
+old QEMU quits once the new one has taken over (a pause of well under a second). This is
+how to restart QEMU under a running guest, for a new binary or new limits.
+
+Only a VM started with 'vm run --detach' migrates, and only with devices QEMU can migrate:
+QEMU 7.2's vhost-user-vsock cannot, so a VM on a bus with a vsock device is refused before
+anything starts. A failed or cancelled migration leaves the VM running where it was.
+
+examples:
+  alacrity vm migrate web1
+  alacrity vm migrate web1 --max-downtime 0.1
+  alacrity vm migrate --cancel web1      (from another terminal)
+"""
+
+
+def add_parser(vm_sub: argparse._SubParsersAction) -> None:
+    parser = vm_sub.add_parser("migrate", help="move a running VM into a new QEMU, live",
+                               description="Move VM NAME, running, into a new QEMU on this host.",
+                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", metavar="NAME")
+    parser.add_argument("--max-downtime", type=float, metavar="SECONDS",
+                        help="the longest pause QEMU may choose for the final copy (QEMU's default: 0.3)")
+    parser.add_argument("--cancel", action="store_true", help="cancel NAME's migration in progress")
+
+
+def run(args: argparse.Namespace) -> int:
+    from alacrity.vm.migrate import MigrationError, cancel, migrate
+
+    if args.max_downtime is not None and not 0 < args.max_downtime <= 60:
+        raise UserError(f"--max-downtime {args.max_downtime}: give seconds between 0 and 60, e.g. 0.3")
+    try:
+        if args.cancel:
+            if not cancel(args.name):
+                raise UserError(f"VM {args.name!r} is not migrating")
+            print(f"cancelled the migration of {args.name}")
+            return 0
+        show, done = _display(args.name)
+        begun = time.monotonic()
+        try:
+            migrate(args.name, max_downtime_s=args.max_downtime, on_progress=show)
+        finally:
+            done()
+    except MigrationError as exc:
+        raise UserError(str(exc)) from None
+    print(f"migrated {args.name} in {time.monotonic() - begun:.1f} s")
+    return 0
+
+
+def _display(name: str):
+    """(show, done) for QEMU's query-migrate answers: a live line on a terminal, nothing
+    otherwise but the last figures."""
+    last: dict = {}
+
+    def summary(info: dict) -> str:
+        ram = info.get("ram", {})
+        mib = 1 << 20
+        parts = [f"{info.get('status', '?')}",
+                 f"RAM sent {ram.get('transferred', 0) / mib:.0f} MiB",
+                 f"remaining {ram.get('remaining', 0) / mib:.0f} of {ram.get('total', 0) / mib:.0f} MiB",
+                 f"dirtying {ram.get('dirty-pages-rate', 0)} pages/s"]
+        if "expected-downtime" in info:
+            parts.append(f"expected downtime {info['expected-downtime']} ms")
+        if "downtime" in info:
+            parts.append(f"downtime {info['downtime']} ms")
+        return ", ".join(parts)
+
+    if not sys.stderr.isatty():
+        def quiet(info: dict) -> None:
+            last.update(info)
+
+        def report() -> None:
+            if last:
+                print(f"{name}: {summary(last)}", file=sys.stderr)
+        return quiet, report
+    from rich.live import Live
+    from rich.text import Text
+
+    live = Live(Text(f"{name}: starting the new QEMU"), transient=False, refresh_per_second=8,
+                console=None)
+    live.start()
+
+    def show(info: dict) -> None:
+        last.update(info)
+        live.update(Text(f"{name}: {summary(info)}"))
+
+    return show, live.stop

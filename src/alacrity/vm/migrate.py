@@ -1,0 +1,168 @@
+"""Live migration of a running VM into a new QEMU on the same host (`alacrity vm migrate`).
+
+The destination is the same VM started again from its record (same spec, jail uid and
+bus) with `-incoming defer`: it connects to the bus's devices at once, and the disks let it
+in as their next writer (devices/blk.py). The migration stream runs over a socket pair
+whose ends go to the two QEMUs through QMP `getfd`: their jails share no path and no
+network. The devices log what they write into guest memory while it runs
+(vhost_user/dirty_log.py), so QEMU resends those pages. Once the source reports
+"completed" (paused, its state sent) it is told to quit and the VM's record names the
+destination. A migration that fails or is cancelled (`cancel`) leaves the source running,
+with logging off (QEMU resumes it), and the destination killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .qemu import VM, spec_from_fields
+from .qmp import QmpClient, QmpError
+from .runtime import VmError, VmRecord, find_vm, is_alive, kill_group, write_record
+
+POLL_S = 0.25
+DESTINATION_READY_S = 60.0
+
+
+class MigrationError(VmError):
+    pass
+
+
+def _qmp(path: str, command: str, arguments: dict[str, Any] | None = None, fds: list[int] | None = None,
+         timeout: float = 10.0) -> Any:
+    with QmpClient(path, timeout=timeout) as qmp:
+        return qmp.execute(command, arguments, fds)
+
+
+def source_of(name: str) -> VmRecord:
+    """The running VM `name`, if it can migrate: MigrationError saying why not."""
+    rec = find_vm(name)
+    if rec is None:
+        raise MigrationError(f"no running VM named {name!r} (see 'alacrity vm list')")
+    if not rec.detached or rec.spec is None:
+        raise MigrationError(f"VM {name!r} was not started with 'vm run --detach': only a detached VM "
+                             "migrates (its 'vm run' would end with its first QEMU)")
+    try:
+        info = _qmp(rec.qmp, "query-migrate")
+    except (OSError, QmpError, TimeoutError) as exc:
+        raise MigrationError(f"VM {name!r} does not answer on QMP ({rec.qmp}): {exc}") from None
+    if info.get("status") in ("setup", "active", "pre-switchover", "device", "cancelling"):
+        raise MigrationError(f"VM {name!r} is migrating already: 'alacrity vm migrate --cancel {name}' "
+                             "stops that")
+    if reasons := info.get("blocked-reasons"):
+        raise MigrationError(f"QEMU cannot migrate VM {name!r}: " + "; ".join(dict.fromkeys(reasons)))
+    return rec
+
+
+def migrate(name: str, *, max_downtime_s: float | None = None,
+            on_progress: Callable[[dict], None] | None = None, timeout_s: float = 3600.0) -> VmRecord:
+    """Move VM `name` into a new QEMU; its new record. MigrationError if it did not move
+    (the source then runs on)."""
+    source = source_of(name)
+    home = Path(source.dir)
+    spec = spec_from_fields(source.spec or {})
+    generation = 1 + max((int(p.name[1:]) for p in home.glob("m[0-9]*") if p.name[1:].isdigit()), default=0)
+    dest = VM(replace(spec, run_dir=home / f"m{generation}", incoming=True))
+    try:
+        dest.start()
+        _wait_incoming(dest)
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            _qmp(str(dest.qmp_path), "getfd", {"fdname": "migration"}, [theirs.fileno()])
+            _qmp(str(dest.qmp_path), "migrate-incoming", {"uri": "fd:migration"})
+            if max_downtime_s is not None:
+                _qmp(source.qmp, "migrate-set-parameters", {"downtime-limit": int(max_downtime_s * 1000)})
+            _qmp(source.qmp, "getfd", {"fdname": "migration"}, [ours.fileno()])
+            _qmp(source.qmp, "migrate", {"uri": "fd:migration"})
+        _follow(source, dest, on_progress, time.monotonic() + timeout_s)
+    except BaseException as exc:
+        with contextlib.suppress(OSError, QmpError, TimeoutError):
+            _qmp(source.qmp, "migrate_cancel")
+        dest.kill()
+        shutil.rmtree(dest.run_dir, ignore_errors=True)
+        if isinstance(exc, (QmpError, OSError, TimeoutError)):
+            raise MigrationError(f"migration of {name!r} failed, the VM runs on where it was: {exc}") \
+                from None
+        raise
+    return _promote(source, dest)
+
+
+def _wait_incoming(dest: VM) -> None:
+    """Until the destination QEMU answers QMP, waiting for the VM's state."""
+    deadline = time.monotonic() + DESTINATION_READY_S
+    while True:
+        if dest.proc is None or dest.proc.poll() is not None:
+            raise MigrationError(f"the destination QEMU exited at start{dest._diagnostics()}")
+        with contextlib.suppress(OSError, QmpError, TimeoutError):
+            if _qmp(str(dest.qmp_path), "query-status", timeout=2.0).get("status") == "inmigrate":
+                return
+        if time.monotonic() > deadline:
+            raise MigrationError(f"the destination QEMU did not start in {DESTINATION_READY_S:g} s")
+        time.sleep(0.1)
+
+
+def _follow(source: VmRecord, dest: VM, on_progress: Callable[[dict], None] | None,
+            deadline: float) -> None:
+    """Until the source says completed; MigrationError if it fails, is cancelled, or the
+    destination dies."""
+    while True:
+        info = _qmp(source.qmp, "query-migrate")
+        status = info.get("status", "")
+        if on_progress is not None:
+            on_progress(info)
+        if status == "completed":
+            break
+        if status in ("failed", "cancelled", "cancelling"):
+            why = info.get("error-desc") or status
+            raise MigrationError(f"migration of {source.name!r} {status}: {why}; the VM runs on where it was")
+        if dest.proc is None or dest.proc.poll() is not None:
+            raise MigrationError(f"the destination QEMU died during the migration{dest._diagnostics()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the migration did not complete in time")
+        time.sleep(POLL_S)
+    end = time.monotonic() + DESTINATION_READY_S
+    while _qmp(str(dest.qmp_path), "query-status").get("status") != "running":
+        if time.monotonic() > end or dest.proc is None or dest.proc.poll() is not None:
+            raise MigrationError("the destination did not resume the VM after the migration")
+        time.sleep(0.05)
+
+
+def _promote(source: VmRecord, dest: VM) -> VmRecord:
+    """The destination runs the VM: the record says so, the source quits and its files go."""
+    assert dest.record is not None
+    record = replace(dest.record, dir=source.dir, started=source.started)
+    write_record(record)
+    (dest.run_dir / "vm.json").unlink(missing_ok=True)
+    with contextlib.suppress(OSError, QmpError, TimeoutError):
+        _qmp(source.qmp, "quit", timeout=2.0)
+    deadline = time.monotonic() + 5
+    while is_alive(source) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill_group(source)
+    old = Path(source.home or source.dir)
+    if old == Path(source.dir):  # the VM's first QEMU kept its files beside the record
+        for leftover in ("qemu", "root", "qemu.log"):
+            path = old / leftover
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+    return record
+
+
+def cancel(name: str) -> bool:
+    """Cancel VM `name`'s migration; False if none was running. The `vm migrate` that
+    started it sees the cancellation, kills the destination and says so."""
+    rec = find_vm(name)
+    if rec is None:
+        raise MigrationError(f"no running VM named {name!r} (see 'alacrity vm list')")
+    status = _qmp(rec.qmp, "query-migrate").get("status")
+    if status not in ("setup", "active", "pre-switchover", "device"):
+        return False
+    _qmp(rec.qmp, "migrate_cancel")
+    return True
