@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "its console goes to the bus's console device if it has one (alacrity vm console "
                      "NAME), and to a log in its run directory (shown by 'alacrity vm list'); stop it "
                      "with 'alacrity vm stop NAME'")
+    run.add_argument("--incoming", metavar="tcp:ADDR:PORT",
+                     help="do not boot: wait on ADDR:PORT for a running VM that 'alacrity vm migrate "
+                     "NAME --to tcp:ADDR:PORT' sends from another host, then run it here (with --detach, "
+                     "the same --name, and a bus with devices of the same names)")
     run.add_argument("--no-jail", action="store_true",
                      help="run QEMU as root, unjailed, for debugging (root only). By default QEMU runs "
                      "as a uid of its own from alacrityd's --id-range, with no capabilities, "

@@ -18,8 +18,13 @@ Only a VM started with 'vm run --detach' migrates, and only with devices QEMU ca
 QEMU 7.2's vhost-user-vsock cannot, so a VM on a bus with a vsock device is refused before
 anything starts. A failed or cancelled migration leaves the VM running where it was.
 
+Across hosts, start the destination first; the disks must reach the same images (shared
+storage), and the stream is plain TCP: use it on a network you trust.
+
 examples:
   alacrity vm migrate web1
+  alacrity vm run --incoming tcp:0.0.0.0:4444 --detach --bus web --name web1   (on host B)
+  alacrity vm migrate web1 --to tcp:hostb:4444                                 (on host A)
   alacrity vm migrate web1 --max-downtime 0.1
   alacrity vm migrate --cancel web1      (from another terminal)
 """
@@ -32,6 +37,10 @@ def add_parser(vm_sub: argparse._SubParsersAction) -> None:
     parser.add_argument("name", metavar="NAME")
     parser.add_argument("--max-downtime", type=float, metavar="SECONDS",
                         help="the longest pause QEMU may choose for the final copy (QEMU's default: 0.3)")
+    parser.add_argument("--to", metavar="tcp:HOST:PORT",
+                        help="to another host, where 'alacrity vm run --incoming tcp:ADDR:PORT --detach "
+                        "--bus B --name NAME' waits (its daemon has bus B with devices of the same names, "
+                        "its disks reach the same images)")
     parser.add_argument("--cancel", action="store_true", help="cancel NAME's migration in progress")
 
 
@@ -49,12 +58,13 @@ def run(args: argparse.Namespace) -> int:
         show, done = _display(args.name)
         begun = time.monotonic()
         try:
-            migrate(args.name, max_downtime_s=args.max_downtime, on_progress=show)
+            migrate(args.name, to=args.to, max_downtime_s=args.max_downtime, on_progress=show)
         finally:
             done()
     except MigrationError as exc:
         raise UserError(str(exc)) from None
-    print(f"migrated {args.name} in {time.monotonic() - begun:.1f} s")
+    where = f" to {args.to}" if args.to else ""
+    print(f"migrated {args.name}{where} in {time.monotonic() - begun:.1f} s")
     return 0
 
 

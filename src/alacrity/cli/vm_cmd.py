@@ -15,7 +15,7 @@ from alacrity.devices import Slot, device_class
 from alacrity.virtio.net import check_mac
 from alacrity.vm.machine import DEFAULT_MACHINE, machine
 from alacrity.vm.qemu import VM, VmSpec, check_network, serial_chardev
-from alacrity.vm.runtime import VmError, list_vms, stop_vm
+from alacrity.vm.runtime import VmError, find_vm, list_vms, stop_vm
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
     if args.detach and args.timeout:
         raise UserError("--timeout kills a VM that vm run waits for; a detached VM runs until "
                         "'alacrity vm stop NAME': leave out --timeout")
+    if args.incoming and not args.detach:
+        raise UserError("--incoming makes the VM a migration's destination, which runs on detached: "
+                        "add --detach")
     if args.detach and args.log:
         raise UserError("--detach logs the console in the VM's run directory ('alacrity vm list' shows "
                         "where): leave out --log")
@@ -152,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
         detach_bus=args.bus if args.detach else None,
         bus=args.bus,
         detach_control=str(bus.run_dir / "control.sock"),
+        incoming=args.incoming is not None,
     )
+    if spec.incoming and find_vm(name) is not None:
+        raise UserError(f"a VM named {name!r} is already running here")
     vm = VM(spec)
     if vm.accel.accel != "kvm":
         print(f"alacrity: using TCG: {vm.accel.reason}", file=sys.stderr)
@@ -161,6 +167,13 @@ def run(args: argparse.Namespace) -> int:
     detached = False
     try:
         vm.start()
+        if args.incoming:
+            from alacrity.vm.migrate import receive
+
+            receive(vm, args.incoming, lambda line: print(f"alacrity: {line}", file=sys.stderr))
+            detached = True
+            print(name)
+            return 0
         if args.detach:
             vm.wait_ready(DETACH_READY_S)
             detached = True

@@ -1,4 +1,5 @@
-"""Live migration of a running VM into a new QEMU on the same host (`alacrity vm migrate`).
+"""Live migration of a running VM into a new QEMU (`alacrity vm migrate`), on this host or
+another one (`migrate --to tcp:HOST:PORT` into `vm run --incoming tcp:ADDR:PORT` there).
 
 The destination is the same VM started again from its record (same spec, jail uid and
 bus) with `-incoming defer`: it connects to the bus's devices at once, and the disks let it
@@ -9,6 +10,10 @@ network. The devices log what they write into guest memory while it runs
 "completed" (paused, its state sent) it is told to quit and the VM's record names the
 destination. A migration that fails or is cancelled (`cancel`) leaves the source running,
 with logging off (QEMU resumes it), and the destination killed.
+
+Across hosts the stream is a TCP connection made by the two CLIs (a jailed QEMU has no
+network) and handed to each QEMU the same way; the destination's daemon must have a bus of
+the same name with devices of the same names, and its disks must reach the same images.
 """
 
 from __future__ import annotations
@@ -60,11 +65,25 @@ def source_of(name: str) -> VmRecord:
     return rec
 
 
-def migrate(name: str, *, max_downtime_s: float | None = None,
-            on_progress: Callable[[dict], None] | None = None, timeout_s: float = 3600.0) -> VmRecord:
-    """Move VM `name` into a new QEMU; its new record. MigrationError if it did not move
+def parse_tcp(uri: str) -> tuple[str, int]:
+    """("HOST", PORT) of tcp:HOST:PORT (tcp:[V6]:PORT); ValueError saying what is wrong."""
+    if not uri.startswith("tcp:"):
+        raise ValueError(f"{uri}: give tcp:HOST:PORT")
+    host, _, port = uri[4:].rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{uri}: give tcp:HOST:PORT, e.g. tcp:10.0.0.2:4444")
+    return host, int(port)
+
+
+def migrate(name: str, *, to: str | None = None, max_downtime_s: float | None = None,
+            on_progress: Callable[[dict], None] | None = None, timeout_s: float = 3600.0) -> VmRecord | None:
+    """Move VM `name` into a new QEMU: here (its new record), or `to` tcp:HOST:PORT where
+    `vm run --incoming` waits (None: it runs there now). MigrationError if it did not move
     (the source then runs on)."""
     source = source_of(name)
+    if to is not None:
+        return _migrate_away(source, to, max_downtime_s, on_progress, time.monotonic() + timeout_s)
     home = Path(source.dir)
     spec = spec_from_fields(source.spec or {})
     generation = 1 + max((int(p.name[1:]) for p in home.glob("m[0-9]*") if p.name[1:].isdigit()), default=0)
@@ -93,6 +112,77 @@ def migrate(name: str, *, max_downtime_s: float | None = None,
     return _promote(source, dest)
 
 
+def _migrate_away(source: VmRecord, to: str, max_downtime_s: float | None,
+                  on_progress: Callable[[dict], None] | None, deadline: float) -> None:
+    try:
+        host, port = parse_tcp(to)
+    except ValueError as exc:
+        raise MigrationError(str(exc)) from None
+    try:
+        stream = socket.create_connection((host, port), timeout=10)
+    except OSError as exc:
+        raise MigrationError(f"cannot reach {to}: {exc.strerror or exc} (is 'alacrity vm run --incoming "
+                             f"{to}' waiting there?)") from None
+    try:
+        with stream:
+            if max_downtime_s is not None:
+                _qmp(source.qmp, "migrate-set-parameters", {"downtime-limit": int(max_downtime_s * 1000)})
+            _qmp(source.qmp, "getfd", {"fdname": "migration"}, [stream.fileno()])
+            _qmp(source.qmp, "migrate", {"uri": "fd:migration"})
+        _follow(source, None, on_progress, deadline)
+    except BaseException as exc:
+        with contextlib.suppress(OSError, QmpError, TimeoutError):
+            _qmp(source.qmp, "migrate_cancel")
+        if isinstance(exc, (QmpError, OSError, TimeoutError)):
+            raise MigrationError(f"migration of {source.name!r} to {to} failed, the VM runs on here: "
+                                 f"{exc}") from None
+        raise
+    _retire(source)
+    shutil.rmtree(source.dir, ignore_errors=True)
+
+
+def receive(vm: VM, listen: str, on_progress: Callable[[str], None] | None = None,
+            wait_s: float = 600.0) -> None:
+    """Make `vm` (started with `incoming`) the destination of a migration from another
+    host: listen on tcp:ADDR:PORT for the source's `vm migrate --to`, take the stream, and
+    return once the VM runs here. MigrationError (the caller kills `vm`) otherwise."""
+    try:
+        host, port = parse_tcp(listen)
+    except ValueError as exc:
+        raise MigrationError(str(exc)) from None
+    _wait_incoming(vm)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, port))
+        except OSError as exc:
+            raise MigrationError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        listener.listen(1)
+        listener.settimeout(wait_s)
+        if on_progress is not None:
+            on_progress(f"waiting on {listen} for 'alacrity vm migrate {vm.spec.name} --to ...'")
+        try:
+            stream, peer = listener.accept()
+        except TimeoutError:
+            raise MigrationError(f"no migration arrived on {listen} in {wait_s:g} s") from None
+    with stream:
+        _qmp(str(vm.qmp_path), "getfd", {"fdname": "migration"}, [stream.fileno()])
+        _qmp(str(vm.qmp_path), "migrate-incoming", {"uri": "fd:migration"})
+    if on_progress is not None:
+        on_progress(f"receiving from {peer[0]}")
+    while True:
+        status = _qmp(str(vm.qmp_path), "query-status").get("status")
+        if status == "running":
+            return
+        if vm.proc is None or vm.proc.poll() is not None:
+            raise MigrationError(f"the migration failed: QEMU exited{vm._diagnostics()}")
+        incoming = _qmp(str(vm.qmp_path), "query-migrate")
+        if incoming.get("status") == "failed":
+            raise MigrationError(f"the migration failed: {incoming.get('error-desc', 'no reason given')}")
+        time.sleep(POLL_S)
+
+
 def _wait_incoming(dest: VM) -> None:
     """Until the destination QEMU answers QMP, waiting for the VM's state."""
     deadline = time.monotonic() + DESTINATION_READY_S
@@ -107,7 +197,7 @@ def _wait_incoming(dest: VM) -> None:
         time.sleep(0.1)
 
 
-def _follow(source: VmRecord, dest: VM, on_progress: Callable[[dict], None] | None,
+def _follow(source: VmRecord, dest: VM | None, on_progress: Callable[[dict], None] | None,
             deadline: float) -> None:
     """Until the source says completed; MigrationError if it fails, is cancelled, or the
     destination dies."""
@@ -121,11 +211,13 @@ def _follow(source: VmRecord, dest: VM, on_progress: Callable[[dict], None] | No
         if status in ("failed", "cancelled", "cancelling"):
             why = info.get("error-desc") or status
             raise MigrationError(f"migration of {source.name!r} {status}: {why}; the VM runs on where it was")
-        if dest.proc is None or dest.proc.poll() is not None:
+        if dest is not None and (dest.proc is None or dest.proc.poll() is not None):
             raise MigrationError(f"the destination QEMU died during the migration{dest._diagnostics()}")
         if time.monotonic() > deadline:
             raise TimeoutError("the migration did not complete in time")
         time.sleep(POLL_S)
+    if dest is None:
+        return
     end = time.monotonic() + DESTINATION_READY_S
     while _qmp(str(dest.qmp_path), "query-status").get("status") != "running":
         if time.monotonic() > end or dest.proc is None or dest.proc.poll() is not None:
@@ -139,12 +231,7 @@ def _promote(source: VmRecord, dest: VM) -> VmRecord:
     record = replace(dest.record, dir=source.dir, started=source.started)
     write_record(record)
     (dest.run_dir / "vm.json").unlink(missing_ok=True)
-    with contextlib.suppress(OSError, QmpError, TimeoutError):
-        _qmp(source.qmp, "quit", timeout=2.0)
-    deadline = time.monotonic() + 5
-    while is_alive(source) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    kill_group(source)
+    _retire(source)
     old = Path(source.home or source.dir)
     if old == Path(source.dir):  # the VM's first QEMU kept its files beside the record
         for leftover in ("qemu", "root", "qemu.log"):
@@ -153,6 +240,16 @@ def _promote(source: VmRecord, dest: VM) -> VmRecord:
     else:
         shutil.rmtree(old, ignore_errors=True)
     return record
+
+
+def _retire(source: VmRecord) -> None:
+    """The source QEMU, paused with its state sent, quits."""
+    with contextlib.suppress(OSError, QmpError, TimeoutError):
+        _qmp(source.qmp, "quit", timeout=2.0)
+    deadline = time.monotonic() + 5
+    while is_alive(source) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill_group(source)
 
 
 def cancel(name: str) -> bool:
