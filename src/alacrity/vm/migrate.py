@@ -19,6 +19,7 @@ the same name with devices of the same names, and its disks must reach the same 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import time
@@ -27,12 +28,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .qemu import VM, spec_from_fields
+from .qemu import VM, VmSpec, chardev_sockets, spec_from_fields
 from .qmp import QmpClient, QmpError
 from .runtime import VmError, VmRecord, find_vm, is_alive, kill_group, write_record
 
 POLL_S = 0.25
 DESTINATION_READY_S = 60.0
+#: Across hosts the CLIs first compare the VMs' devices, so that a destination without one
+#: is refused before anything stops: one line each way, then QEMU's stream.
+HELLO = "ALACRITY-MIGRATE 1 "
+HELLO_S = 10.0
 
 
 class MigrationError(VmError):
@@ -74,6 +79,27 @@ def parse_tcp(uri: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{uri}: give tcp:HOST:PORT, e.g. tcp:10.0.0.2:4444")
     return host, int(port)
+
+
+def device_list(spec: VmSpec) -> list[str]:
+    """The VM's devices as QEMU sees them: `driver@device` (the bus device behind each
+    vhost-user socket), sorted."""
+    found = []
+    for extra in spec.devices:
+        drivers = [v.split(",")[0] for o, v in zip(extra, extra[1:], strict=False) if o == "-device"]
+        sockets = [Path(p).name.removesuffix(".sock") for p in chardev_sockets(extra).values()]
+        found += [f"{d}@{s}" for d in drivers for s in sockets] or drivers
+    return sorted(found)
+
+
+def _hello_line(sock: socket.socket) -> str:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk or len(line) > 65536:
+            raise MigrationError("the other side closed the connection before saying what it is")
+        line += chunk
+    return line.decode(errors="replace").rstrip("\n")
 
 
 def migrate(name: str, *, to: str | None = None, max_downtime_s: float | None = None,
@@ -119,10 +145,16 @@ def _migrate_away(source: VmRecord, to: str, max_downtime_s: float | None,
     except ValueError as exc:
         raise MigrationError(str(exc)) from None
     try:
-        stream = socket.create_connection((host, port), timeout=10)
+        stream = socket.create_connection((host, port), timeout=HELLO_S)
+        stream.sendall((HELLO + json.dumps({"name": source.name, "devices": device_list(
+            spec_from_fields(source.spec or {}))}) + "\n").encode())
+        answer = _hello_line(stream)
     except OSError as exc:
         raise MigrationError(f"cannot reach {to}: {exc.strerror or exc} (is 'alacrity vm run --incoming "
                              f"{to}' waiting there?)") from None
+    if answer != "OK":
+        stream.close()
+        raise MigrationError(f"{to} refused the VM, which runs on here: {answer.removeprefix('ERR ')}")
     try:
         with stream:
             if max_downtime_s is not None:
@@ -167,6 +199,7 @@ def receive(vm: VM, listen: str, on_progress: Callable[[str], None] | None = Non
         except TimeoutError:
             raise MigrationError(f"no migration arrived on {listen} in {wait_s:g} s") from None
     with stream:
+        _check_hello(stream, vm)
         _qmp(str(vm.qmp_path), "getfd", {"fdname": "migration"}, [stream.fileno()])
         _qmp(str(vm.qmp_path), "migrate-incoming", {"uri": "fd:migration"})
     if on_progress is not None:
@@ -181,6 +214,32 @@ def receive(vm: VM, listen: str, on_progress: Callable[[str], None] | None = Non
         if incoming.get("status") == "failed":
             raise MigrationError(f"the migration failed: {incoming.get('error-desc', 'no reason given')}")
         time.sleep(POLL_S)
+
+
+def _check_hello(stream: socket.socket, vm: VM) -> None:
+    """The source's line: the same VM name and devices as ours, or both sides are told why not."""
+    stream.settimeout(HELLO_S)
+    line = _hello_line(stream)
+    try:
+        offer = json.loads(line.removeprefix(HELLO)) if line.startswith(HELLO) else None
+    except ValueError:
+        offer = None
+    ours = device_list(vm.spec)
+    if not isinstance(offer, dict):
+        why = "not an alacrity migration"
+    elif offer.get("name") != vm.spec.name:
+        why = f"VM {offer.get('name')!r} arrived, this side waits for {vm.spec.name!r}: give vm run --name"
+    elif offer.get("devices") != ours:
+        theirs = offer.get("devices")
+        why = (f"the VM has devices {', '.join(map(str, theirs or [])) or 'none'}, but bus {vm.spec.bus!r} "
+               f"here gives {', '.join(ours) or 'none'}: make the same devices on the bus here")
+    else:
+        stream.sendall(b"OK\n")
+        stream.settimeout(None)
+        return
+    with contextlib.suppress(OSError):
+        stream.sendall(f"ERR {why}\n".encode())
+    raise MigrationError(f"refused the migration: {why}")
 
 
 def _wait_incoming(dest: VM) -> None:
