@@ -121,7 +121,9 @@ def _serve(path: str, keep_s: float) -> None:
                     if uid != os.geteuid():
                         conn.close()
                         continue
-                    if link is not None:
+                    if link is not None:  # a new daemon: what the old one sent counts first
+                        if not _drain(link, entries):
+                            return
                         link.close()
                     link, linked = conn, True
                 elif link is not None and fd == link.fileno():
@@ -139,6 +141,20 @@ def _serve(path: str, keep_s: float) -> None:
             entry.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+def _drain(link: socket.socket, entries: dict[int, _Entry]) -> bool:
+    """Apply what `link` has queued, without waiting; False on BYE."""
+    link.setblocking(False)
+    while True:
+        try:
+            got = _recv(link)
+        except (BlockingIOError, OSError):
+            return True
+        if got is None:
+            return True
+        if not _on_datagram(link, entries, *got):
+            return False
 
 
 def _on_datagram(link: socket.socket, entries: dict[int, _Entry], op: bytes, ident: int, body: bytes,
