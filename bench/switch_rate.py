@@ -1,6 +1,6 @@
 """Forwarding rate between two NetClient processes through a switch process.
 
-    python bench/switch_rate.py [--seconds 3] [--sizes 64,1500] [--engine native|python] [--inprocess]
+    python bench/switch_rate.py [--seconds 3] [--sizes 64,1500] [--engine native|python] [--inprocess [--log]]
 
 Prints, per frame size, the receiver's packets/s and Gbit/s and the notifications
 (kicks + interrupts, counted by the switch) per forwarded packet. The NetClients are
@@ -8,7 +8,8 @@ Python too: at small frames they, not the switch, may set the rate.
 
 With --inprocess, no processes: the engine alone, over in-memory rings (one sender, one
 receiver, unicast, 256-entry rings refilled between timed runs of `poll_once`), reported
-as microseconds per forwarded frame and the rate that makes."""
+as microseconds per forwarded frame and the rate that makes. --log adds a dirty log to every
+ring, as during a live migration, cleared before each timed run as QEMU clears it."""
 
 from __future__ import annotations
 
@@ -124,12 +125,14 @@ class _Memory:
         return self.view[addr : addr + length]
 
 
-def inprocess(size: int, seconds: float, engine: str | None = None, queue: int = 256) -> dict:
+def inprocess(size: int, seconds: float, engine: str | None = None, queue: int = 256,
+              log: bool = False) -> dict:
     """The engine's own cost per frame: `poll_once` timed alone, the driver side not."""
     from alacrity.client.net import NetDriver
     from alacrity.switch.engines import make_engine
     from alacrity.switch.fdb import Fdb
     from alacrity.switch.port import Port
+    from alacrity.vhost_user.dirty_log import DirtyLog
     from alacrity.virtio.device_queue import DeviceQueue
     from alacrity.virtio.features import F_VERSION_1, RING_F_EVENT_IDX, bit
     from alacrity.virtio.net import F_MRG_RXBUF
@@ -137,9 +140,10 @@ def inprocess(size: int, seconds: float, engine: str | None = None, queue: int =
 
     eng = make_engine(Fdb(), kind=engine, strict=engine == "native")
     features = bit(F_VERSION_1) | bit(F_MRG_RXBUF) | bit(RING_F_EVENT_IDX)
-    ends = []
+    ends, logs = [], []
     for port_id in (1, 2):
         mem = _Memory(NetDriver.area_size(queue, 2048, 2048))
+        logs.append(DirtyLog(memoryview(bytearray((len(mem.view) >> 15) + 1))))
         driver = NetDriver(mem.view, queue_size=queue, rx_buffer=2048, tx_slot=2048)
         port = Port(port_id, mac=bytes([2, 0, 0, 0, 0, port_id]), features=features)
         v = mem.view
@@ -147,7 +151,10 @@ def inprocess(size: int, seconds: float, engine: str | None = None, queue: int =
             rings = (v[lay.desc : lay.desc + desc_table_size(lay.size)],
                      v[lay.avail : lay.avail + avail_ring_size(lay.size)],
                      v[lay.used : lay.used + used_ring_size(lay.size)])
-            setattr(port, name, DeviceQueue(mem, lay.size, *rings, event_idx=True))
+            ring = DeviceQueue(mem, lay.size, *rings, event_idx=True)
+            if log:
+                ring.set_log(logs[-1], lay.used)
+            setattr(port, name, ring)
         eng.add_port(port)
         driver.stock_rx()
         ends.append((port, driver))
@@ -166,6 +173,8 @@ def inprocess(size: int, seconds: float, engine: str | None = None, queue: int =
         tx.publish_tx()
         rx.reap_rx()
         rx.stock_rx()
+        for dirty in logs:
+            dirty.view[:] = bytes(len(dirty.view))
         start = time.perf_counter()
         while eng.poll_once():
             pass
@@ -173,7 +182,7 @@ def inprocess(size: int, seconds: float, engine: str | None = None, queue: int =
         frames = b.rx_packets
     assert a.tx_packets == frames and b.rx_dropped == 0, (a.counters(), b.counters())
     us = busy / frames * 1e6
-    return {"engine": eng.kind, "inprocess": True, "size": size, "frames": frames,
+    return {"engine": eng.kind, "inprocess": True, "log": log, "size": size, "frames": frames,
             "us_per_frame": round(us, 3), "pps": round(1e6 / us), "gbit_s": round(size * 8 / us / 1e3, 3)}
 
 
@@ -184,11 +193,12 @@ def main() -> None:
     parser.add_argument("--engine", choices=("native", "python"), default=None,
                         help="the switch's engine (default: its own default, native when it builds)")
     parser.add_argument("--inprocess", action="store_true", help="time the engine alone, in this process")
+    parser.add_argument("--log", action="store_true", help="with --inprocess: a dirty log on every ring")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         for size in (int(s) for s in args.sizes.split(",")):
             if args.inprocess:
-                print(json.dumps(inprocess(size, args.seconds, args.engine)), flush=True)
+                print(json.dumps(inprocess(size, args.seconds, args.engine, log=args.log)), flush=True)
             else:
                 print(json.dumps(run(size, args.seconds, workdir, args.engine)), flush=True)
 

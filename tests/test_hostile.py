@@ -31,9 +31,11 @@ from alacrity.vhost_user.connection import Connection
 from alacrity.vhost_user.memory import MemoryTable
 from alacrity.vhost_user.messages import (
     CONFIG_HEADER,
+    F_LOG_ALL,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     HEADER,
+    LOG,
     MAX_PAYLOAD,
     MEM_HEADER,
     MEM_REGION,
@@ -45,6 +47,7 @@ from alacrity.vhost_user.messages import (
     Framer,
     Message,
     ProtocolError,
+    ProtocolFeature,
     Req,
     encode,
 )
@@ -307,7 +310,8 @@ def blk_request(draw):
 
 def blk_model(req, image: bytearray, readonly: bool, serial: bytes):
     """Expected outcome: None (QueueError), or (status set, used len, data_in bytes or None,
-    byte ranges that may now read as zeros). Updates `image` for writes."""
+    byte ranges that may now read as zeros). Updates `image` for writes. The used length is
+    always all the writable bytes, up to the status byte (the dirty log marks them)."""
     pieces, writable = req
     readable = b"".join(pieces)
     if len(readable) < 16 or not writable or writable[-1] == 0:
@@ -315,35 +319,36 @@ def blk_model(req, image: bytearray, readonly: bool, serial: bytes):
     kind, _, sector = vb.REQUEST_HEADER.unpack(readable[:16])
     out = readable[16:]
     n_in = sum(writable) - 1
+    used = sum(writable)
 
     def ok(sec: int, nbytes: int) -> bool:
         return nbytes % 512 == 0 and sec + nbytes // 512 <= CAPACITY
 
     if kind == vb.T_IN:
         if ok(sector, n_in):
-            return {vb.S_OK}, n_in + 1, bytes(image[sector * 512 : sector * 512 + n_in]), []
-        return {vb.S_IOERR}, 1, None, []
+            return {vb.S_OK}, used, bytes(image[sector * 512 : sector * 512 + n_in]), []
+        return {vb.S_IOERR}, used, None, []
     if kind == vb.T_OUT:
         if readonly or not ok(sector, len(out)):
-            return {vb.S_IOERR}, 1, None, []
+            return {vb.S_IOERR}, used, None, []
         image[sector * 512 : sector * 512 + len(out)] = out
-        return {vb.S_OK}, 1, None, []
+        return {vb.S_OK}, used, None, []
     if kind == vb.T_FLUSH:
-        return {vb.S_OK}, 1, None, []
+        return {vb.S_OK}, used, None, []
     if kind == vb.T_GET_ID:
         ident = serial.ljust(vb.ID_BYTES, b"\0")[:n_in]
-        return {vb.S_OK}, len(ident) + 1, ident, []
+        return {vb.S_OK}, used, ident, []
     if kind in (vb.T_DISCARD, vb.T_WRITE_ZEROES):
         if readonly or not out or len(out) % 16:
-            return {vb.S_IOERR}, 1, None, []
+            return {vb.S_IOERR}, used, None, []
         zeros = []
         for off in range(0, len(out), 16):
             sec, count, _f = vb.SEGMENT.unpack_from(out, off)
             if not ok(sec, count * 512):
-                return {vb.S_IOERR}, 1, None, zeros
+                return {vb.S_IOERR}, used, None, zeros
             zeros.append((sec * 512, (sec + count) * 512))
-        return {vb.S_OK, vb.S_IOERR}, 1, None, zeros  # IOERR if the filesystem refuses
-    return {vb.S_UNSUPP}, 1, None, []
+        return {vb.S_OK, vb.S_IOERR}, used, None, zeros  # IOERR if the filesystem refuses
+    return {vb.S_UNSUPP}, used, None, []
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -524,6 +529,10 @@ control_msgs = st.one_of(
               st.one_of(st.just(TRANSPORT_FEATURES), st.sampled_from([bit(F_VERSION_1), 0]), u64)),
     st.builds(lambda f: msg(Req.SET_PROTOCOL_FEATURES, U64.pack(f)),
               st.one_of(st.just(PROTOCOL_FEATURES), u64)),
+    st.builds(lambda size, offset, fds, f: msg(Req.SET_LOG_BASE, LOG.pack(size, offset), fds, f),
+              st.one_of(st.sampled_from([0, 1, 2, 0x1000, MEMSIZE, MEMSIZE + 1, U64_MAX]), u64),
+              st.one_of(st.sampled_from([0, 0, 0x1000, MEMSIZE, 1 << 63]), u64),
+              st.one_of(st.just(["memfd"]), fd_specs), flags_st),
     st.builds(lambda o, s, fl, extra: msg(Req.GET_CONFIG, CONFIG_HEADER.pack(o, s, fl) + extra),
               st.one_of(st.integers(0, 300), u32), st.one_of(st.integers(0, 300), u32), u32,
               st.binary(max_size=64)),
@@ -783,7 +792,7 @@ class Traffic(threading.Thread):
 
 
 CORRUPTIONS = ["garbage", "garbage_after_setup", "avail_jump", "head_range", "desc_outside", "loop",
-               "indirect", "no_status"]
+               "indirect", "no_status", "log_too_small"]
 
 
 def corrupt(kind: str, client: BlkClient, data: st.DataObject) -> None:
@@ -815,6 +824,19 @@ def corrupt(kind: str, client: BlkClient, data: st.DataObject) -> None:
     elif kind == "no_status":
         vb.REQUEST_HEADER.pack_into(area, 0xF000, vb.T_IN, 0, 0)
         q.add([(0xF000, 16, False)], "bad")
+        q.publish()
+    elif kind == "log_too_small":  # a dirty log of one byte, 8 pages: the status byte is beyond
+        fe = client.frontend
+        fe.set_protocol_features(client.protocol_features | bit(ProtocolFeature.LOG_SHMFD))
+        fd = os.memfd_create("log", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, 1)
+            fe.set_log_base(fd, 1)
+        finally:
+            os.close(fd)
+        fe.set_features(client.features | bit(F_LOG_ALL))
+        vb.REQUEST_HEADER.pack_into(area, 0xF000, vb.T_IN, 0, 0)
+        q.add([(0xF000, 16, False), (0xF100, 1, True)], "bad")
         q.publish()
     os.eventfd_write(client.ring.kick, 1)
 

@@ -1,8 +1,9 @@
 """The native engine (switch/native): the engine scenarios of test_switch_engine,
 test_switch_offload and test_switch_tap run again with NativeEngine, and a differential
 test drives a Python engine and a native engine over identical in-memory rings with random
-traffic, RX shortages and hostile descriptors and headers: used rings, buffer contents,
-counters, FDB, signals and broken-port reasons must stay identical, step by step. A second
+traffic, RX shortages, hostile descriptors and headers, and dirty logging switched on and off
+(logs too small for the guest included): used rings, buffer contents, dirty logs, counters,
+FDB, signals and broken-port reasons must stay identical, step by step. A second
 one does the same with GSO and NEEDS_CSUM frames between ports that negotiated the offloads
 (which C forwards whole) and ports that did not, believable and hostile (lying hdr_len,
 gso_size, csum_start/offset, cut frames, wrong IP versions, ethertypes and protocols)."""
@@ -22,6 +23,7 @@ from alacrity.switch import native
 from alacrity.switch.engine import Engine
 from alacrity.switch.engines import make_engine
 from alacrity.switch.fdb import Fdb
+from alacrity.vhost_user.dirty_log import DirtyLog
 from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import DeviceQueue
 from alacrity.virtio.features import F_VERSION_1, bit
@@ -342,6 +344,7 @@ class World:
             if python_only:
                 del h.mem.regions
             h.queues = (h.port.rx, h.port.tx)
+            h.log = DirtyLog(memoryview(bytearray((len(h.mem.buf) >> 15) + 2)))
             self.engine.add_port(h.port)
             self.hosts.append(h)
         self.broken: list[tuple[int, str]] = []
@@ -603,9 +606,24 @@ def apply(world: World, op: tuple):
             return evil(h, "rx", op[2])
         if kind == "notify":
             return h.driver.rxq.enable_interrupts()
+        if kind == "log":
+            return set_log(h, op[2])
     except (QueueError, ValueError, struct.error) as exc:
         return f"{type(exc).__name__}: {exc}"
     raise AssertionError(op)
+
+
+def set_log(h: Host, mode: str) -> None:
+    """Dirty logging on `h`'s rings: buffers and used rings ("on"), buffers only ("data"), none
+    ("off"); "small": into a log of one byte (8 pages), too small for most RX buffers;
+    "skewed": the used rings logged past the memory, each index on a page of its own (a log
+    address need not be the ring's, QEMU's spec says), so that a missed mark shows."""
+    view = h.log.view[:1] if mode.startswith("small") else h.log.view
+    log = None if mode == "off" else DirtyLog(view)
+    beyond = (len(h.mem.buf) + 4095) >> 12
+    for i, (queue, lay) in enumerate(zip(h.queues, (h.driver.rx_layout, h.driver.tx_layout), strict=True)):
+        used = lay.used if mode in ("on", "small") else None
+        queue.set_log(log, ((beyond + 2 + 3 * i) << 12) - 4 if mode == "skewed" else used)
 
 
 HOST, DST = st.integers(0, 3), st.integers(0, 6)
@@ -617,6 +635,8 @@ ANY_SEND = st.tuples(
     st.sampled_from(HEADERS), st.sampled_from(TX_SHAPES), st.lists(st.integers(0, 40), max_size=3))
 BURST = st.tuples(st.just("burst"), HOST, st.integers(0, 4), st.integers(1, 20), st.integers(0, 1504))
 POLL = st.tuples(st.just("poll"))
+LOG = st.tuples(st.just("log"), HOST,
+                st.sampled_from(["on", "on", "skewed", "skewed", "data", "off", "small", "small-data"]))
 REAP = st.tuples(st.just("reap"), st.integers(0, 3), st.integers(0, 16), st.sampled_from(RX_SHAPES))
 OPS = st.lists(st.one_of(
     GOOD_SEND, GOOD_SEND, GOOD_SEND, ANY_SEND, ANY_SEND, BURST, POLL, POLL, POLL, REAP, REAP,
@@ -624,8 +644,9 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("notify"), st.integers(0, 3)),
     st.tuples(st.just("evil-tx"), st.integers(0, 3), st.sampled_from(EVIL_TX)),
     st.tuples(st.just("evil-rx"), st.integers(0, 3), st.sampled_from(EVIL_RX)),
+    LOG,
 ), min_size=5, max_size=60)
-NICE_OPS = st.lists(st.one_of(GOOD_SEND, GOOD_SEND, BURST, POLL, POLL, REAP,
+NICE_OPS = st.lists(st.one_of(GOOD_SEND, GOOD_SEND, BURST, POLL, POLL, REAP, LOG,
                               st.tuples(st.just("tick"), st.just(3.0))), min_size=5, max_size=60)
 
 
@@ -647,7 +668,7 @@ GOOD_TSO_SEND = st.tuples(
     st.just({}))
 TSO_OPS = st.lists(st.one_of(
     st.one_of(GOOD_TSO_SEND, POLL),
-    st.one_of(TSO_SEND, GOOD_SEND, BURST, POLL, REAP, st.tuples(st.just("notify"), st.integers(0, 3))),
+    st.one_of(TSO_SEND, GOOD_SEND, BURST, POLL, REAP, LOG, st.tuples(st.just("notify"), st.integers(0, 3))),
     st.one_of(st.tuples(st.just("evil-tx"), st.integers(0, 3), st.sampled_from(EVIL_TX)),
               st.tuples(st.just("evil-rx"), st.integers(0, 3), st.sampled_from(EVIL_RX))),
 ), min_size=10, max_size=50)
@@ -658,6 +679,7 @@ def assert_same(py: World, nat: World, step: int, op: tuple) -> None:
         if a.mem.buf != b.mem.buf:
             at = next(k for k in range(len(a.mem.buf)) if a.mem.buf[k] != b.mem.buf[k])
             raise AssertionError(f"step {step} {op}: host {i + 1} memory differs from byte {at:#x}")
+        assert a.log.view == b.log.view, f"step {step} {op}: host {i + 1} dirty log differs"
     sp, sn = py.state(), nat.state()
     for key in sp:
         assert sp[key] == sn[key], f"step {step} {op}: {key} differs"
@@ -680,6 +702,8 @@ def test_native_engine_matches_the_python_engine(configs, batch, max_entries, op
     event(f"punts: {'0' if not e.punts else '1-9' if e.punts < 10 else '10+'}")
     event(f"broken ports: {len(nat.broken)}")
     event(f"rx dropped: {bool(sum(h.port.rx_dropped for h in nat.hosts))}")
+    event(f"dirty log marked: {any(any(h.log.view) for h in nat.hosts)}")
+    event(f"broken by the dirty log: {any('dirty log' in str(reason) for _, reason in nat.broken)}")
 
 
 @settings(max_examples=600, deadline=None,

@@ -358,7 +358,7 @@ class Gate:
 
     def _serve(self, sock: socket.socket, instance: Device, peer: Peer, bus: str, label: str) -> None:
         try:
-            session = instance.open(peer.pid)
+            session = instance.open(peer.pid, peer.uid)
         except AdminError as exc:
             return self.refuse(sock, f"device {instance.name}", peer, exc.message)
         sock.setblocking(True)
@@ -525,7 +525,7 @@ class Gate:
             # Would each device take the asker (or a child of it, e.g. its QEMU) now? Device
             # state (and /proc) only: `refusal()` never touches the device's files or waits.
             for entry, (_link, instance) in zip(devices, on_bus, strict=True):
-                entry["refusal"] = instance.refusal(peer.pid)
+                entry["refusal"] = instance.refusal(peer.pid, peer.uid)
         return {"bus": bus, "devices": devices}
 
     def _lease_op(self, peer: Peer, bus: str | None) -> dict:

@@ -15,8 +15,8 @@ old QEMU quits once the new one has taken over (a pause of well under a second).
 how to restart QEMU under a running guest, for a new binary or new limits.
 
 Only a VM started with 'vm run --detach' migrates, and only with devices QEMU can migrate:
-QEMU 7.2's vhost-user-vsock cannot, so a VM on a bus with a vsock device is refused before
-anything starts. A failed or cancelled migration leaves the VM running where it was.
+QEMU 7.2's vhost-user-vsock and vhost-user-rng cannot, so a VM on a bus with a vsock or rng
+device is refused before anything starts. A failed or cancelled migration leaves the VM running where it was.
 
 Across hosts, start the destination first; the disks must reach the same images (shared
 storage), and the stream is plain TCP: use it on a network you trust.
@@ -84,6 +84,8 @@ def _display(name: str):
             parts.append(f"expected downtime {info['expected-downtime']} ms")
         if "downtime" in info:
             parts.append(f"downtime {info['downtime']} ms")
+        if "total-time" in info and info.get("status") == "completed":
+            parts.append(f"total {info['total-time']} ms")
         return ", ".join(parts)
 
     if not sys.stderr.isatty():

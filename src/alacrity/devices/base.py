@@ -289,15 +289,16 @@ class Device:
             self.counters["errors"] += 1
             self.last_error = reason
 
-    def refusal(self, peer_pid: int) -> str | None:
+    def refusal(self, peer_pid: int, peer_uid: int | None = None) -> str | None:
         """Why `open()` (or `adopt()`) would refuse `peer_pid` or a child of it right now,
         in one line that says what to do; None if it would not. From the device's state
         only (no files, no waiting): the gate asks this for `alacrity vm run` before QEMU
         starts."""
         return None
 
-    def open(self, peer_pid: int) -> Session:
-        """A client on one of the device's buses connected: make its session.
+    def open(self, peer_pid: int, peer_uid: int | None = None) -> Session:
+        """A client on one of the device's buses connected: make its session. `peer_uid`
+        is the uid the gate read from the socket at connect time (None: unknown).
         Raise AdminError (EBUSY) to refuse, e.g. a second writer of a disk."""
         raise NotImplementedError
 

@@ -27,6 +27,7 @@ from alacrity.devices.base import (
     qemu_device,
 )
 from alacrity.errors import AdminError, busy, invalid
+from alacrity.vhost_user.messages import ProtocolError
 from alacrity.vhost_user.session import Session
 from alacrity.virtio import blk as vb
 from alacrity.virtio.device_queue import Chain, DeviceQueue
@@ -113,7 +114,7 @@ class BlkDevice(Device):
         for counter in ("reads", "writes", "flushes", "discards", "bytes_read", "bytes_written"):
             self.counters[counter] = 0
         self.counters["io_errors"] = 0
-        self.sessions: dict[BlkSession, int] = {}
+        self.sessions: set[BlkSession] = set()
 
     def precheck(self, name: str, text: str) -> None:
         if name not in ("path", "size"):
@@ -129,30 +130,59 @@ class BlkDevice(Device):
         if name == "size" and value <= 0:
             raise invalid(f"{self.name}/size must be positive")
 
-    def refusal(self, peer_pid: int) -> str | None:
+    def refusal(self, peer_pid: int, peer_uid: int | None = None) -> str | None:
         with self.lock:
-            return self._refusal(peer_pid)
+            return self._refusal(peer_pid, peer_uid)
 
-    def _refusal(self, peer_pid: int) -> str | None:
+    def _one_writer(self) -> bool:
+        return not self.values["readonly"] and not self.values["shared"]
+
+    def _refusal(self, peer_pid: int, peer_uid: int | None) -> str | None:
         if not self.values["path"]:
             return f"disk {self.name} has no path: echo /path/to/disk.img > devices/{self.name}/path"
-        if not self.values["readonly"] and not self.values["shared"]:
-            others = [pid for pid in self.sessions.values() if pid != peer_pid]
-            if others:
-                return (f"disk {self.name} is in use by {holder(others[0])}: give each VM its own disk "
-                        f"on its own bus, or set devices/{self.name}/shared to 1")
+        if self._one_writer():
+            others = [s for s in self.sessions if s.peer_pid != peer_pid]
+            if others and not self._moving_in(others, peer_uid):
+                return (f"disk {self.name} is in use by {holder(others[0].peer_pid)}: give each VM its own "
+                        f"disk on its own bus, or set devices/{self.name}/shared to 1")
         return None
 
-    def open(self, peer_pid: int) -> Session:
+    def _moving_in(self, others: list[BlkSession], peer_uid: int | None) -> bool:
+        """Is the peer the holder's VM moving (a migration's destination QEMU)? Each jailed
+        QEMU runs as a uid of its own, and a VM's destination runs as its source's: so one
+        more connection from the holder's uid, if not root, is the VM and not another."""
+        return (len(self.sessions) == 1 and peer_uid is not None and peer_uid != 0
+                and others[0].peer_uid == peer_uid)
+
+    def open(self, peer_pid: int, peer_uid: int | None = None) -> Session:
         with self.lock:
-            why = self._refusal(peer_pid)
+            why = self._refusal(peer_pid, peer_uid)
             if why is not None:
                 raise (invalid if not self.values["path"] else busy)(why)
             writable = not self.values["readonly"]
-            session = BlkSession(self, self._open_image(writable), peer_pid)
-            self.sessions[session] = peer_pid
+            session = BlkSession(self, self._open_image(writable), peer_pid, peer_uid)
+            self.sessions.add(session)
             self.counters["connections"] = len(self.sessions)
         return session
+
+    def ring_started(self, session: BlkSession, index: int) -> None:
+        """One writer at a time: a VM moving in starts its rings only once its source has
+        stopped all of theirs (GET_VRING_BASE), and the source restarts them (a failed
+        migration) only while the destination's are stopped. ProtocolError breaks the
+        connection that tried."""
+        with self.lock:
+            # A process's own connections never competed (as at open): only another's rings count.
+            rival = next((s for s in self.sessions if s.running and s.peer_pid != session.peer_pid), None)
+            if rival is None or not self._one_writer():
+                session.running.add(index)
+                return
+        raise ProtocolError(f"disk {self.name}: ring {index} started while {holder(rival.peer_pid)} runs "
+                            "its rings; a VM moving in may start its rings only once its source has "
+                            "stopped them")
+
+    def ring_stopped(self, session: BlkSession, index: int) -> None:
+        with self.lock:
+            session.running.discard(index)
 
     def _open_image(self, writable: bool) -> int:
         try:
@@ -162,7 +192,7 @@ class BlkDevice(Device):
 
     def release(self, session: Session) -> None:
         with self.lock:
-            self.sessions.pop(session, None)  # type: ignore[call-overload]
+            self.sessions.discard(session)  # type: ignore[arg-type]
             self.counters["connections"] = len(self.sessions)
 
 
@@ -170,10 +200,12 @@ class BlkSession(Session):
     num_queues = 1
     max_queue_size = 1024
 
-    def __init__(self, device: BlkDevice, fd: int, peer_pid: int) -> None:
+    def __init__(self, device: BlkDevice, fd: int, peer_pid: int, peer_uid: int | None) -> None:
         self.device = device
         self.fd = fd
         self.peer_pid = peer_pid
+        self.peer_uid = peer_uid
+        self.running: set[int] = set()  # rings started and not stopped: under the device's lock
         self.readonly = device.values["readonly"]
         self.serial = (device.values["serial"] or device.name).encode()[: vb.ID_BYTES]
         self.capacity = os.fstat(fd).st_size // vb.SECTOR
@@ -218,6 +250,12 @@ class BlkSession(Session):
         )
 
     # -- rings
+    def start(self, index: int, queue: DeviceQueue) -> None:
+        self.device.ring_started(self, index)
+
+    def stop(self, index: int) -> None:
+        self.device.ring_stopped(self, index)
+
     def process(self, index: int, queue: DeviceQueue) -> int:
         done = 0
         while done < queue.size:
@@ -229,7 +267,9 @@ class BlkSession(Session):
         return done
 
     def _execute(self, chain: Chain) -> int:
-        """Run one request; returns the bytes written into the chain."""
+        """Run one request; returns the used length: all of the chain's writable bytes, up to
+        the status byte at its end (as QEMU's virtio-blk reports it), so that the dirty log
+        marks every byte we may have written, a short read's included."""
         header, data_out = split(chain.readable, vb.REQUEST_HEADER.size)
         raw = b"".join(bytes(v) for v in header)
         if len(raw) < vb.REQUEST_HEADER.size:
@@ -239,42 +279,43 @@ class BlkSession(Session):
         kind, _, sector = vb.REQUEST_HEADER.unpack(raw)
         data_in, _status = split(chain.writable, chain.writable_len() - 1)
         try:
-            status, written = self._dispatch(kind, sector, data_out, data_in)
+            status = self._dispatch(kind, sector, data_out, data_in)
         except OSError as exc:
             log.warning("%s: I/O error: %s", self.device.name, exc)
             self.device.count("io_errors")
-            status, written = vb.S_IOERR, 0
+            status = vb.S_IOERR
         chain.writable[-1][-1] = status  # the status is the chain's last byte
-        return written + 1
+        return chain.writable_len()
 
     def _range_ok(self, sector: int, nbytes: int) -> bool:
         return nbytes % vb.SECTOR == 0 and sector + nbytes // vb.SECTOR <= self.capacity
 
     def _dispatch(
         self, kind: int, sector: int, data_out: list[memoryview], data_in: list[memoryview]
-    ) -> tuple[int, int]:
+    ) -> int:
+        """The request's status."""
         device = self.device
         if kind == vb.T_IN:
             nbytes = sum(len(v) for v in data_in)
             if not self._range_ok(sector, nbytes):
-                return vb.S_IOERR, 0
+                return vb.S_IOERR
             _transfer(os.preadv, self.fd, data_in, sector * vb.SECTOR)
             device.count("reads")
             device.count("bytes_read", nbytes)
-            return vb.S_OK, nbytes
+            return vb.S_OK
         if kind == vb.T_OUT:
             nbytes = sum(len(v) for v in data_out)
             if self.readonly or not self._range_ok(sector, nbytes):
-                return vb.S_IOERR, 0
+                return vb.S_IOERR
             _transfer(os.pwritev, self.fd, data_out, sector * vb.SECTOR)
             device.count("writes")
             device.count("bytes_written", nbytes)
-            return vb.S_OK, 0
+            return vb.S_OK
         if kind == vb.T_FLUSH:
             if not self.readonly:
                 os.fdatasync(self.fd)
             device.count("flushes")
-            return vb.S_OK, 0
+            return vb.S_OK
         if kind == vb.T_GET_ID:
             ident = self.serial.ljust(vb.ID_BYTES, b"\0")
             written = 0
@@ -282,10 +323,10 @@ class BlkSession(Session):
                 chunk = ident[written : written + len(view)]
                 view[: len(chunk)] = chunk
                 written += len(chunk)
-            return vb.S_OK, written
+            return vb.S_OK
         if kind in (vb.T_DISCARD, vb.T_WRITE_ZEROES):
-            return self._zero(kind, b"".join(bytes(v) for v in data_out)), 0
-        return vb.S_UNSUPP, 0
+            return self._zero(kind, b"".join(bytes(v) for v in data_out))
+        return vb.S_UNSUPP
 
     def _zero(self, kind: int, segments: bytes) -> int:
         if self.readonly or not segments or len(segments) % vb.SEGMENT.size:

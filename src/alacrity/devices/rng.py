@@ -91,7 +91,7 @@ class RngDevice(Device):
         super().set_attribute(name, text)
         self.bucket = TokenBucket(self.values["rate"])
 
-    def open(self, peer_pid: int) -> Session:
+    def open(self, peer_pid: int, peer_uid: int | None = None) -> Session:
         self.count("connections")
         return RngSession(self)
 

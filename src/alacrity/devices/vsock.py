@@ -198,14 +198,14 @@ class VsockDevice(Device):
             return
         conn.serve()
 
-    def refusal(self, peer_pid: int) -> str | None:
+    def refusal(self, peer_pid: int, peer_uid: int | None = None) -> str | None:
         with self.lock:
             if len(self.guests) >= MAX_GUESTS:
                 return (f"vsock {self.name} serves {MAX_GUESTS} guests already: give the bus a vsock "
                         "device of its own")
         return None
 
-    def open(self, peer_pid: int) -> Session:
+    def open(self, peer_pid: int, peer_uid: int | None = None) -> Session:
         with self.lock:
             if len(self.guests) >= MAX_GUESTS:
                 raise AdminError(16, f"vsock {self.name} serves {MAX_GUESTS} guests already")

@@ -158,6 +158,7 @@ class Engine:
         self._soft_segs: list[memoryview] | None = None
         self._soft_gso = None
         self._soft_frames: list | Unsegmentable | None = None
+        self.announced: list[tuple[int, bytes]] = []  # (port id, frame): `announce`
 
     # -- ports
     def add_port(self, port: Port) -> None:
@@ -187,6 +188,19 @@ class Engine:
         except OSError as exc:
             self._break(port, f"{'RX' if index == RX else 'TX'} call fd: {exc}")
 
+    def announce(self, port_id: int, frame: bytes) -> None:
+        """Send `frame` (a plain Ethernet frame) at the next poll as if port `port_id` had:
+        its source is learned there and it goes where that port's frames would."""
+        self.announced.append((port_id, frame))
+
+    def _announce(self, now: float, touched: dict) -> int:
+        announced, self.announced = self.announced, []
+        for port_id, frame in announced:
+            port = self.ports.get(port_id)
+            if port is not None and port.broken is None:
+                self._forward(port, _PLAIN, [memoryview(frame)], len(frame), now, touched)
+        return len(announced)
+
     def take_broken(self) -> list[Port]:
         """Ports that broke the rules since the last call (removed from the engine)."""
         broken, self.broken = self.broken, []
@@ -199,7 +213,7 @@ class Engine:
         """Forward one batch from every port; returns the number of frames consumed."""
         now = self.clock()
         touched: dict[tuple[Port, int], DeviceQueue] = {}
-        work = 0
+        work = self._announce(now, touched) if self.announced else 0
         for port in list(self.ports.values()):
             txq = port.tx
             if txq is None or port.broken:

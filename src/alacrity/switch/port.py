@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 
 from alacrity.vhost_user.backend import Action, Backend
 from alacrity.vhost_user.connection import signal_error
@@ -105,15 +106,33 @@ class NetSession(Session):
             | (OFFLOAD_FEATURES if offloads else 0)
         )
         self.features = 0
+        self.announced: list[bytes] = []  # RARP frames for the engine to send (`Switch`)
 
     def set_features(self, features: int) -> None:
         self.features = features
+
+    def send_rarp(self, mac: bytes) -> None:
+        if mac[0] & 1 or not any(mac):
+            raise ProtocolError(f"SEND_RARP for {vn.mac_text(mac)}, which is not a guest's address")
+        self.announced.append(rarp_frame(mac))
 
     def get_config(self, offset: int, size: int) -> bytes:
         return vn.pack_config(self.mac, mtu=self.mtu)[offset : offset + size]
 
     # set_config (a MAC write by a legacy driver) is ignored: the switch assigns MACs.
     # The rings are serviced by the switch's engine, not through process().
+
+
+#: RARP (ethertype 0x8035), hardware type Ethernet, protocol IPv4, lengths 6 and 4, opcode 3
+#: (request reverse): the announcement QEMU makes for a migrated guest (net/announce.c).
+_RARP = struct.Struct("!6s6sHHHBBH6s4s6s4s")
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """The broadcast a guest with MAC `mac` sends after a migration, as QEMU builds it
+    (`announce_self_create`): 42 bytes, padded to 60."""
+    frame = _RARP.pack(b"\xff" * 6, mac, 0x8035, 1, 0x0800, 6, 4, 3, mac, bytes(4), mac, bytes(4))
+    return frame.ljust(60, b"\0")
 
 
 _FD_ARRAY = array.array("i")

@@ -263,6 +263,11 @@ class Switch:
             return
         if not alive:
             self.remove_port(port, "peer closed the connection")
+            return
+        announced, port.session.announced = port.session.announced, []
+        for frame in announced:  # SEND_RARP: the port's guest has just migrated here
+            log.info("%s: port %d announces %s (RARP)", port.label, port.id, vn.mac_text(frame[6:12]))
+            self.engine.announce(port.id, frame)
 
     # -- control
     def _service_control(self, conn: socket.socket) -> None:

@@ -14,15 +14,19 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from alacrity.vhost_user.dirty_log import DirtyLog
 from alacrity.vhost_user.memory import MemoryTable
 from alacrity.vhost_user.messages import (
     CONFIG_HEADER,
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
+    LOG,
     MAX_REGIONS,
     MEM_HEADER,
     MEM_REGION,
     U64,
     VRING_ADDR,
+    VRING_F_LOG,
     VRING_INDEX_MASK,
     VRING_NOFD_MASK,
     VRING_STATE,
@@ -47,10 +51,14 @@ from alacrity.virtio.ring import (
 
 log = logging.getLogger("alacrity.vhost_user")
 
+# Dirty logging (LOG_ALL, LOG_SHMFD) for every session: devices write guest memory only
+# through their DeviceQueue or a switch engine, and both log.
 TRANSPORT_FEATURES = (
     bit(F_VERSION_1) | bit(RING_F_EVENT_IDX) | bit(RING_F_INDIRECT_DESC) | bit(F_PROTOCOL_FEATURES)
+    | bit(F_LOG_ALL)
 )
-PROTOCOL_FEATURES = bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+PROTOCOL_FEATURES = (bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG)
+                     | bit(ProtocolFeature.LOG_SHMFD))
 MAX_CONFIG = 256
 
 #: What /proc/self/fd shows for an eventfd. fstat cannot tell one from a timerfd, signalfd or
@@ -101,6 +109,7 @@ class Vring:
     err: int | None = None
     enabled: bool = False
     queue: DeviceQueue | None = None
+    log_used: int | None = None  # where the log has its used ring (VRING_F_LOG); None: not logged
 
 
 @dataclass
@@ -124,6 +133,7 @@ class Backend:
         self.protocol_features = 0
         self.owned = False
         self.memory: MemoryTable | None = None
+        self.log: DirtyLog | None = None
         self.vrings = [Vring(i) for i in range(session.num_queues)]
         self.actions: list[Action] = []
         self.framer = Framer()
@@ -149,6 +159,11 @@ class Backend:
     @property
     def offered_features(self) -> int:
         return self.session.device_features | TRANSPORT_FEATURES
+
+    @property
+    def offered_protocol_features(self) -> int:
+        announces = type(self.session).send_rarp is not Session.send_rarp
+        return PROTOCOL_FEATURES | (bit(ProtocolFeature.RARP) if announces else 0)
 
     def _stopped_vring(self, index: int) -> Vring:
         """A ring whose size, addresses or base may change: not while it runs."""
@@ -214,14 +229,16 @@ class Backend:
             raise ProtocolError(f"features {features & ~self.offered_features:#x} were not offered")
         self.features = features
         self.session.set_features(features)
+        self._log_rings()  # logging follows LOG_ALL, while the rings run
 
     def _get_protocol_features(self, msg: Message) -> bytes:
-        return U64.pack(PROTOCOL_FEATURES)
+        return U64.pack(self.offered_protocol_features)
 
     def _set_protocol_features(self, msg: Message) -> None:
         features = msg.u64()
-        if features & ~PROTOCOL_FEATURES:
-            raise ProtocolError(f"protocol features {features & ~PROTOCOL_FEATURES:#x} not offered")
+        unknown = features & ~self.offered_protocol_features
+        if unknown:
+            raise ProtocolError(f"protocol features {unknown:#x} not offered")
         self.protocol_features = features
 
     def _get_queue_num(self, msg: Message) -> bytes:
@@ -262,6 +279,20 @@ class Backend:
         if old is not None:
             old.release()
 
+    def _set_log_base(self, msg: Message) -> bytes:
+        if not self._protocol(ProtocolFeature.LOG_SHMFD):
+            raise ProtocolError("SET_LOG_BASE without the LOG_SHMFD protocol feature")
+        size, offset = unpack_exact(LOG, msg.payload, msg.request)
+        if len(msg.fds) != 1:
+            raise ProtocolError(f"SET_LOG_BASE carries {len(msg.fds)} fds, expected the log's")
+        try:
+            log = DirtyLog.map(msg.fds[0], size, offset)  # step() closes the fd: the mapping stays
+        except (ValueError, OSError) as exc:
+            raise ProtocolError(f"bad dirty log: {exc}") from None
+        self.log = log  # the old one is unmapped when the last ring lets go of it
+        self._log_rings()
+        return b""  # with LOG_SHMFD, QEMU waits for a reply: an empty one
+
     def _set_vring_num(self, msg: Message) -> None:
         index, num = unpack_exact(VRING_STATE, msg.payload, msg.request)
         vring = self._stopped_vring(index)
@@ -272,11 +303,18 @@ class Backend:
         vring.num = num
 
     def _set_vring_addr(self, msg: Message) -> None:
-        index, _flags, desc, used, avail, _log = unpack_exact(VRING_ADDR, msg.payload, msg.request)
-        vring = self._stopped_vring(index)
+        index, flags, desc, used, avail, log_addr = unpack_exact(VRING_ADDR, msg.payload, msg.request)
+        vring = self._vring(index)
+        # QEMU sends the addresses again, with VRING_F_LOG set or cleared, to running rings
+        # when logging starts and stops: only that may change while a ring runs.
+        if vring.queue is not None and (desc, used, avail) != vring.addrs:
+            raise ProtocolError(f"ring {index} is running: stop it (GET_VRING_BASE) before moving it")
         if desc % 16 or used % 4 or avail % 2:
             raise ProtocolError(f"ring {index}: misaligned ring addresses")
         vring.addrs = (desc, used, avail)
+        vring.log_used = log_addr if flags & VRING_F_LOG else None
+        if vring.queue is not None:
+            self._log_ring(vring, vring.queue)
 
     def _set_vring_base(self, msg: Message) -> None:
         index, num = unpack_exact(VRING_STATE, msg.payload, msg.request)
@@ -347,6 +385,14 @@ class Backend:
             raise ProtocolError(f"config write of {size} bytes with {len(data)} given")
         self.session.set_config(offset, data)
 
+    def _send_rarp(self, msg: Message) -> None:
+        # QEMU's vhost_user_migration_done: the MAC in the first 6 bytes of a u64.
+        if not self._protocol(ProtocolFeature.RARP):
+            raise ProtocolError("SEND_RARP without the RARP protocol feature")
+        if len(msg.payload) != U64.size:
+            raise ProtocolError(f"SEND_RARP: payload of {len(msg.payload)} bytes, need {U64.size}")
+        self.session.send_rarp(msg.payload[:6])
+
     # -- ring life cycle
     def _protocol_negotiated(self) -> bool:
         return has(self.features, F_PROTOCOL_FEATURES)
@@ -356,7 +402,7 @@ class Backend:
         desc, used, avail = vring.addrs
         num = vring.num
         try:
-            return DeviceQueue(
+            queue = DeviceQueue(
                 self.memory,
                 num,
                 self.memory.uva(desc, desc_table_size(num)),
@@ -366,6 +412,22 @@ class Backend:
                 indirect=has(self.features, RING_F_INDIRECT_DESC),
                 last_avail=last_avail,
             )
+        except QueueError as exc:
+            raise ProtocolError(f"ring {vring.index}: {exc}") from None
+        self._log_ring(vring, queue)
+        return queue
+
+    def _log_rings(self) -> None:
+        for vring in self.vrings:
+            if vring.queue is not None:
+                self._log_ring(vring, vring.queue)
+
+    def _log_ring(self, vring: Vring, queue: DeviceQueue) -> None:
+        """Give `queue` (ring `vring`'s) the logging asked for now: with LOG_ALL and a log
+        base, its writes to buffers, and to the used ring too with VRING_F_LOG."""
+        log = self.log if has(self.features, F_LOG_ALL) else None
+        try:
+            queue.set_log(log, vring.log_used)
         except QueueError as exc:
             raise ProtocolError(f"ring {vring.index}: {exc}") from None
 
@@ -404,6 +466,7 @@ class Backend:
         if self.memory is not None:
             self.memory.release()
             self.memory = None
+        self.log = None
         return fds
 
 
@@ -416,6 +479,7 @@ _HANDLERS = {
     Req.SET_OWNER: Backend._set_owner,
     Req.RESET_OWNER: Backend._reset_owner,
     Req.SET_MEM_TABLE: Backend._set_mem_table,
+    Req.SET_LOG_BASE: Backend._set_log_base,
     Req.SET_VRING_NUM: Backend._set_vring_num,
     Req.SET_VRING_ADDR: Backend._set_vring_addr,
     Req.SET_VRING_BASE: Backend._set_vring_base,
@@ -426,4 +490,5 @@ _HANDLERS = {
     Req.SET_VRING_ENABLE: Backend._set_vring_enable,
     Req.GET_CONFIG: Backend._get_config,
     Req.SET_CONFIG: Backend._set_config,
+    Req.SEND_RARP: Backend._send_rarp,
 }

@@ -7,6 +7,7 @@ import socket
 
 from alacrity.vhost_user.messages import (
     CONFIG_HEADER,
+    LOG,
     MEM_HEADER,
     MEM_REGION,
     U64,
@@ -81,6 +82,11 @@ class Frontend:
     def set_mem_table(self, regions: list[tuple[int, int, int, int]], fds: list[int]) -> None:
         payload = MEM_HEADER.pack(len(regions), 0) + b"".join(MEM_REGION.pack(*r) for r in regions)
         self.send(Req.SET_MEM_TABLE, payload, tuple(fds))
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """Share a dirty log (LOG_SHMFD negotiated): `size` bytes at `offset` of file `fd`."""
+        socket.send_fds(self.sock, [encode(Req.SET_LOG_BASE, LOG.pack(size, offset))], [fd])
+        self._reply(Req.SET_LOG_BASE)  # empty: the backend has mapped it
 
     def set_vring_num(self, index: int, num: int) -> None:
         self.send(Req.SET_VRING_NUM, VRING_STATE.pack(index, num))

@@ -45,13 +45,13 @@ class Region:
         return self.uva <= addr and addr + length <= self.uva + self.size
 
 
-def _check_regular_file(fd: int, gpa: int) -> None:
-    """The file behind the region at `gpa` must be a regular file (memfds and hugetlbfs files
-    are): a pipe or a device such as /dev/zero is no memory the peer can share."""
+def _check_regular_file(fd: int, what: str) -> None:
+    """The file behind `what` must be a regular file (memfds and hugetlbfs files are): a pipe
+    or a device such as /dev/zero is no memory the peer can share."""
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         kind = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "an anonymous inode")
-        raise ValueError(f"region at {gpa:#x}: its fd is {kind}, not a regular file")
+        raise ValueError(f"{what}: its fd is {kind}, not a regular file")
 
 
 def _seal(fd: int) -> str | None:
@@ -75,13 +75,21 @@ def _seal(fd: int) -> str | None:
     return None
 
 
-def _map(fd: int, length: int, gpa: int, unsealed: str | None) -> mmap.mmap:
+def map_file(fd: int, length: int, what: str) -> mmap.mmap:
+    """Map the first `length` bytes of the peer's file `fd`, shared and read-write: a regular
+    file at least that long, sealed against shrinking if it can be, else under the SIGBUS
+    guard. ValueError says why not, naming `what` ("region at 0x0", "the dirty log")."""
+    _check_regular_file(fd, what)
+    unsealed = _seal(fd)
+    file_size = os.fstat(fd).st_size  # sealed memory can no longer shrink below this
+    if length > file_size:
+        raise ValueError(f"{what} needs {length:#x} bytes of a {file_size:#x}-byte file")
     if unsealed is None:
         return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         return sigbus.guarded_mmap(fd, length)
     except sigbus.GuardUnavailable as exc:
-        raise ValueError(f"region at {gpa:#x}: its memory could be truncated under us ({unsealed}, not "
+        raise ValueError(f"{what}: its memory could be truncated under us ({unsealed}, not "
                          f"sealed against shrinking) and the SIGBUS guard is unavailable: {exc}") from None
 
 
@@ -104,17 +112,10 @@ class MemoryTable:
         for (gpa, size, uva, offset), fd in zip(layout, fds, strict=True):
             if size == 0 or gpa + size > _LIMIT or uva + size > _LIMIT:
                 raise ValueError(f"region at {gpa:#x} of {size:#x} bytes is empty or wraps")
-            _check_regular_file(fd, gpa)
-            unsealed = _seal(fd)
-            file_size = os.fstat(fd).st_size  # sealed memory can no longer shrink below this
-            if offset + size > file_size:
-                raise ValueError(
-                    f"region at {gpa:#x} needs {offset + size:#x} bytes of a {file_size:#x}-byte file"
-                )
             for other in regions:
                 if gpa < other.gpa + other.size and other.gpa < gpa + size:
                     raise ValueError(f"region at {gpa:#x} overlaps the one at {other.gpa:#x}")
-            mapping = _map(fd, offset + size, gpa, unsealed)
+            mapping = map_file(fd, offset + size, f"region at {gpa:#x}")
             if isinstance(mapping, sigbus.GuardedMap):
                 guarded.append(mapping)
             regions.append(Region(gpa, size, uva, memoryview(mapping)[offset : offset + size]))

@@ -58,6 +58,8 @@ class ProtocolFeature(enum.IntEnum):
 
 
 F_PROTOCOL_FEATURES = 30  # virtio feature bit that vhost-user borrows
+F_LOG_ALL = 26  # vhost's feature bit: the backend logs its writes to guest memory (migration)
+VRING_F_LOG = 0x1  # SET_VRING_ADDR flag: log the used ring's writes, at its `log` address
 
 VERSION = 0x1
 FLAG_REPLY = 0x4
@@ -66,10 +68,11 @@ FLAG_NEED_REPLY = 0x8
 HEADER = struct.Struct("<III")  # request, flags, size
 U64 = struct.Struct("<Q")
 VRING_STATE = struct.Struct("<II")  # index, num
-VRING_ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail, log (user addresses)
+VRING_ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail (user addresses), log (a GPA)
 MEM_REGION = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
 MEM_HEADER = struct.Struct("<II")  # nregions, padding
 CONFIG_HEADER = struct.Struct("<III")  # offset, size, flags
+LOG = struct.Struct("<QQ")  # mmap_size, mmap_offset (SET_LOG_BASE)
 
 MAX_PAYLOAD = 4096
 MAX_FDS = 8

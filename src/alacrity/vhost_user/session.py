@@ -35,6 +35,11 @@ class Session:
     def set_config(self, offset: int, data: bytes) -> None:
         """The driver wrote `data` at `offset` of the config space; ignored unless overridden."""
 
+    def send_rarp(self, mac: bytes) -> None:
+        """A migrated guest with MAC `mac` (6 bytes) now runs behind this connection: tell the
+        network (SEND_RARP). The layer offers the RARP protocol feature only to sessions that
+        override this. ProtocolError refuses the MAC and breaks the connection."""
+
     # -- shm: rings
     def start(self, index: int, queue: DeviceQueue) -> None:
         """Ring `index` was registered and enabled; `queue` is its device side."""

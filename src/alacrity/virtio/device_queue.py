@@ -2,12 +2,17 @@
 
 Every index, address and length read from the rings is checked before use:
 a violation raises QueueError and the queue must not be used again.
+
+With a dirty log (`set_log`, live migration), the queue marks every byte the device writes
+into guest memory: the first `written` bytes of a chain's writable buffers at `push`, whose
+addresses it noted when it walked the chain, and the used ring's fields.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from alacrity.virtio.ring import (
     AVAIL_F_NO_INTERRUPT,
@@ -36,6 +41,24 @@ class Memory(Protocol):
 
     # Optional: `damaged() -> bool`, True once pages of the memory vanished under us (the
     # peer truncated their file: vhost_user/memory.py); the queue then fails.
+
+
+class PageLog(Protocol):
+    """Where a queue marks the guest pages it wrote (vhost_user/dirty_log.py)."""
+
+    def mark(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Mark each (gpa, length) range dirty, after writing it; QueueError if the log lacks one."""
+        ...
+
+    def covers(self, gpa: int, length: int) -> bool: ...
+
+
+class Logging(NamedTuple):
+    """A queue's dirty logging: buffers into `log`, and the used ring too, as the guest-physical
+    range at `used_gpa`, unless that is None."""
+
+    log: PageLog
+    used_gpa: int | None
 
 
 def _intact() -> bool:
@@ -93,6 +116,19 @@ class DeviceQueue:
         self.signalled_used = self.used_idx
         self.notify_enabled = True
         self.requests = 0
+        self.logging: Logging | None = None
+        self._written_to: dict[int, list[tuple[int, int]]] = {}  # head -> its writable (gpa, length)
+
+    def set_log(self, log: PageLog | None, used_gpa: int | None = None) -> None:
+        """Mark every write into guest memory in `log` from now on (None: stop); the used ring's
+        too, at guest-physical `used_gpa`, unless None. QueueError if the log lacks the ring."""
+        if log is None:
+            self.logging = None
+            self._written_to = {}
+            return
+        if used_gpa is not None and not log.covers(used_gpa, used_ring_size(self.size)):
+            raise QueueError(f"the dirty log does not cover the used ring, logged at {used_gpa:#x}")
+        self.logging = Logging(log, used_gpa)
 
     # -- driver -> device
     def avail_idx(self) -> int:
@@ -138,6 +174,9 @@ class DeviceQueue:
     def _chain(self, head: int, table: memoryview, first: int, count: int, nested: bool) -> Chain:
         """Walk `count` descriptors of `table` from `first`; at most `count` links."""
         chain = Chain(head)
+        written_to = None
+        if self.logging is not None:
+            written_to = self._written_to[head] = []
         index = first
         for _ in range(count):
             addr, length, flags, nxt = DESC.unpack_from(table, 16 * index)
@@ -148,6 +187,8 @@ class DeviceQueue:
             view = self._view(index, addr, length)
             if flags & DESC_F_WRITE:
                 chain.writable.append(view)
+                if written_to is not None:
+                    written_to.append((addr, length))
             elif chain.writable:
                 raise QueueError(f"descriptor {index}: readable buffer after a writable one")
             else:
@@ -161,7 +202,8 @@ class DeviceQueue:
 
     # -- device -> driver
     def push(self, head: int, written: int, *, publish: bool = True) -> None:
-        """Return a chain; `written` is how many bytes the device wrote into it.
+        """Return a chain; `written` is how many bytes the device wrote into it, from the
+        start of its writable buffers (all it wrote: the dirty log marks those bytes).
         With `publish=False` the driver sees it only at the next `publish()`: a frame
         spread over several chains (MRG_RXBUF) must appear all at once."""
         slot = self.used_idx % self.size
@@ -171,10 +213,38 @@ class DeviceQueue:
         if publish:
             # x86 keeps stores in order: the element is visible before the index moves.
             self.used_ring.idx = self.used_idx
+        if self.logging is not None:
+            self._log_push(self.logging, head, written, slot, publish)
+
+    def _log_push(self, logging: Logging, head: int, written: int, slot: int, publish: bool) -> None:
+        ranges = []
+        if written > 0:
+            buffers = self._written_to.get(head)  # (replaced when the head is popped again)
+            if buffers is None:  # popped before logging began: walk it again for its addresses
+                self._walk(head)
+                buffers = self._written_to[head]
+            for addr, length in buffers:
+                ranges.append((addr, min(length, written)))
+                written -= length
+                if written <= 0:
+                    break
+        used = logging.used_gpa
+        if used is not None:
+            ranges.append((used + 4 + 8 * slot, 8))
+            if publish:
+                ranges.append((used + 2, 2))
+        logging.log.mark(ranges)
+
+    def _log_used(self, offset: int, length: int) -> None:
+        """Mark a write to the used ring at `offset`, if the ring is logged."""
+        logging = self.logging
+        if logging is not None and logging.used_gpa is not None:
+            logging.log.mark(((logging.used_gpa + offset, length),))
 
     def publish(self) -> None:
         """Show the driver every chain pushed so far."""
         self.used_ring.idx = self.used_idx
+        self._log_used(2, 2)
 
     def needs_notify(self) -> bool:
         """Should the driver be interrupted for what was pushed since the last time?"""
@@ -193,6 +263,7 @@ class DeviceQueue:
             self.notify_enabled = False
             if not self.event_idx:
                 self.used_ring.flags = USED_F_NO_NOTIFY
+                self._log_used(0, 2)
             # With EVENT_IDX an avail_event left behind suppresses kicks by itself.
 
     def enable_notify(self) -> bool:
@@ -200,8 +271,10 @@ class DeviceQueue:
         self.notify_enabled = True
         if self.event_idx:
             self.used_ring.avail_event = self.last_avail
+            self._log_used(4 + 8 * self.size, 2)
         else:
             self.used_ring.flags = 0
+            self._log_used(0, 2)
         fence()
         # Checked here, where a worker goes idle, not per request: the SIGBUS guard keeps us
         # alive meanwhile (the lost pages read as zeros), and the check costs a C call.

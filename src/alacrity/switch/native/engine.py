@@ -12,9 +12,9 @@ whenever Python runs: C works on its copy of each ring's indices, and everything
 (indices, signalled marks, counter deltas, floods) is copied back in one batch (`_sync_out`,
 via `sw_export`) at the end of every poll and before every punt. Going in (`_refresh`, at
 the start of every poll and after every punt), indices that Python moved are taken back,
-and a changed ring (a new DeviceQueue, a broken port, new features) is noticed by identity
-and re-attached. The FDB lives in C (`NativeFdb`: the interface and semantics of `Fdb`)
-and serves both paths.
+and a changed ring (a new DeviceQueue, a broken port, new features, new dirty logging) is
+noticed by identity and re-attached. The FDB lives in C (`NativeFdb`: the interface and
+semantics of `Fdb`) and serves both paths.
 
 Notifications: C keeps the ordered "touched" list of `poll_once` (the Python path adds its
 rings to it) and makes the EVENT_IDX decision for the rings it has (`sw_notify`); Python
@@ -125,8 +125,8 @@ class NativeFdb:
 class _Slot:
     """A port as C sees it: its `struct sw_port` and what it was made from."""
 
-    __slots__ = ("port", "c", "index", "rxq", "txq", "broken", "features", "max_frame",
-                 "rx_native", "tx_native", "rx_sync", "tx_sync", "keep")
+    __slots__ = ("port", "c", "index", "rxq", "txq", "broken", "features", "max_frame", "rx_logging",
+                 "tx_logging", "rx_native", "tx_native", "rx_sync", "tx_sync", "keep")
 
     def __init__(self, port: Port, c) -> None:
         self.port = port
@@ -134,6 +134,7 @@ class _Slot:
         self.index = 0
         self.rxq = self.txq = self.broken = _UNSET  # attach on the first refresh
         self.features = self.max_frame = None
+        self.rx_logging = self.tx_logging = None  # the rings' DeviceQueue.logging, as attached
         self.rx_native = self.tx_native = False
         self.rx_sync = self.tx_sync = (-1, -1)  # (last_avail, used_idx) as C and Python last agreed
         self.keep: list = []  # buffers C points into: alive while attached
@@ -212,6 +213,8 @@ class NativeEngine(Engine):
         port, c = slot.port, slot.c
         rxq, txq = port.rx, port.tx
         slot.rxq, slot.txq, slot.broken = rxq, txq, port.broken
+        slot.rx_logging = rxq.logging if rxq is not None else None
+        slot.tx_logging = txq.logging if txq is not None else None
         slot.features, slot.max_frame = port.features, port.max_frame
         slot.keep = []
         c.hdr_size = port.hdr_size
@@ -255,6 +258,10 @@ class NativeEngine(Engine):
                     return False
                 table[i].gpa, table[i].size = region.gpa, region.size
                 table[i].host = self._pin(region.view, keep)
+            log, log_size, used_log = ffi.NULL, 0, None
+            if q.logging is not None:  # a log C cannot reach (no `view`) leaves the ring to Python
+                log, log_size = self._pin(q.logging.log.view, keep), len(q.logging.log.view)
+                used_log = q.logging.used_gpa
         except (TypeError, ValueError, BufferError, AttributeError):
             return False
         if int(ffi.cast("uintptr_t", avail)) % 2 or int(ffi.cast("uintptr_t", used)) % 4:
@@ -263,6 +270,9 @@ class NativeEngine(Engine):
         cq.regions, cq.nregions = table, len(regions)
         cq.size, cq.indirect, cq.event_idx = q.size, bool(q.indirect), bool(q.event_idx)
         cq.last_avail, cq.used_idx, cq.signalled = q.last_avail, q.used_idx, q.signalled_used
+        cq.published = q.used_idx
+        cq.log, cq.log_size = log, log_size
+        cq.log_used, cq.used_log = used_log is not None, used_log or 0
         cq.dirty = cq.publish = cq.pushed = 0
         slot.keep += [*keep, table]
         return True
@@ -292,15 +302,19 @@ class NativeEngine(Engine):
             port = slot.port
             rxq, txq = port.rx, port.tx
             if (rxq is not slot.rxq or txq is not slot.txq or port.broken is not slot.broken
-                    or port.features != slot.features or port.max_frame != slot.max_frame):
+                    or port.features != slot.features or port.max_frame != slot.max_frame
+                    or (rxq is not None and rxq.logging is not slot.rx_logging)
+                    or (txq is not None and txq.logging is not slot.tx_logging)):
                 self._attach(slot)
                 continue
             if slot.rx_native and (rxq.last_avail, rxq.used_idx) != slot.rx_sync:
                 q = slot.c.rx
                 q.last_avail, q.used_idx = slot.rx_sync = rxq.last_avail, rxq.used_idx
+                q.published = q.used_idx
             if slot.tx_native and (txq.last_avail, txq.used_idx) != slot.tx_sync:
                 q = slot.c.tx
                 q.last_avail, q.used_idx = slot.tx_sync = txq.last_avail, txq.used_idx
+                q.published = q.used_idx
 
     def _sync_out(self) -> None:
         """C -> Python: moved indices, signalled marks, counter deltas, floods."""
@@ -372,7 +386,7 @@ class NativeEngine(Engine):
         lib.sw_begin(c, now)
         self._break_damaged()
         self._refresh()
-        work = 0
+        work = self._python(lambda touched: self._announce(now, touched)) if self.announced else 0
         for slot in self._order:
             port = slot.port
             txq = port.tx

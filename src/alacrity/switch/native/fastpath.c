@@ -22,6 +22,11 @@
  * Guest memory is hostile and changes under us: every value read from it that is
  * checked and then used is copied to a local first (READ_ONCE), and all pointers are
  * into the port's own mapped regions, checked before use.
+ *
+ * Dirty logging (live migration; vhost_user/dirty_log.py says why it works so): a ring with
+ * a log marks the pages of every byte written, after a fence: the RX buffers' written bytes
+ * after each delivery, the used elements and index at each publish. A chain with a buffer
+ * the log does not cover is a punt: Python breaks the port as the reference does.
  */
 
 #include <stdint.h>
@@ -44,6 +49,7 @@
 #define GSO_ECN 0x80
 #define MAX_GSO_FRAME (65535 + ETH_HLEN + 4) /* virtio/net.py: 64 KiB of IP, Ethernet, a VLAN tag */
 #define HEAD_COPY 256 /* a GSO frame's headers are checked and sent from a copy this long */
+#define LOG_PAGE_SHIFT 12 /* the dirty log has a bit per 4 KiB page */
 
 #define barrier() __asm__ __volatile__("" ::: "memory")
 
@@ -127,6 +133,7 @@ static int walk(const struct sw_queue *q, uint32_t head, struct sw_seg *segs, ui
             return -1;
         segs[n].p = p;
         segs[n].len = d.len;
+        segs[n].gpa = d.addr;
         n++;
         if (!(d.flags & DESC_F_NEXT)) {
             *nreadable = nr;
@@ -137,6 +144,38 @@ static int walk(const struct sw_queue *q, uint32_t head, struct sw_seg *segs, ui
         index = d.next;
     }
     return -1;
+}
+
+static inline int log_covers(const struct sw_queue *q, uint64_t gpa, uint64_t len)
+{
+    /* gpa + len cannot wrap: the range is inside a region of the memory table */
+    return !len || ((gpa + len - 1) >> LOG_PAGE_SHIFT >> 3) < q->log_size;
+}
+
+/* Mark the pages of [gpa, gpa + len), which the log covers, after a fence that follows the
+ * writes: a bit already set needs no atomic operation. */
+static void log_mark(const struct sw_queue *q, uint64_t gpa, uint64_t len)
+{
+    if (!len)
+        return;
+    for (uint64_t page = gpa >> LOG_PAGE_SHIFT; page <= (gpa + len - 1) >> LOG_PAGE_SHIFT; page++) {
+        uint8_t *byte = q->log + (page >> 3), bit = (uint8_t)(1u << (page & 7));
+        if (!(__atomic_load_n(byte, __ATOMIC_RELAXED) & bit))
+            __atomic_fetch_or(byte, bit, __ATOMIC_RELAXED);
+    }
+}
+
+/* The used elements pushed since the last publish, and the index, which publish just stored. */
+static void log_used_ring(const struct sw_queue *q)
+{
+    uint32_t n = (uint16_t)(q->used_idx - q->published), first = q->published & (q->size - 1);
+    if (n > q->size)
+        n = q->size; /* (never: a ring has at most `size` chains to push) */
+    uint32_t before_wrap = n < q->size - first ? n : q->size - first;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    log_mark(q, q->used_log + 4 + 8 * (uint64_t)first, 8 * (uint64_t)before_wrap);
+    log_mark(q, q->used_log + 4, 8 * (uint64_t)(n - before_wrap));
+    log_mark(q, q->used_log + 2, 2);
 }
 
 static inline void mark_dirty(struct sw_engine *e, struct sw_port *p)
@@ -165,6 +204,9 @@ static inline void publish(struct sw_queue *q)
         q->publish = 0;
         /* the buffers and used elements are visible before the index that hands them over */
         __atomic_store_n((uint16_t *)(q->used + 2), q->used_idx, __ATOMIC_RELEASE);
+        if (q->log && q->log_used)
+            log_used_ring(q);
+        q->published = q->used_idx;
     }
 }
 
@@ -597,8 +639,12 @@ static int plan_chain(struct sw_engine *e, const struct sw_queue *q, uint16_t ai
     c->seg0 = *nsegs + nr;
     c->nseg = (uint32_t)n - nr;
     uint64_t r = 0;
-    for (uint32_t k = 0; k < c->nseg; k++)
-        r += e->segs[c->seg0 + k].len;
+    for (uint32_t k = 0; k < c->nseg; k++) {
+        const struct sw_seg *s = &e->segs[c->seg0 + k];
+        if (q->log && !log_covers(q, s->gpa, s->len))
+            return -1;
+        r += s->len;
+    }
     c->room = r;
     *room += r;
     *nsegs += (uint32_t)n;
@@ -689,6 +735,19 @@ static void deliver(struct sw_engine *e, struct sw_port *r, const struct sw_rxpl
                 break;
         }
         push(e, r, q, ch->head, (uint32_t)written);
+    }
+    if (q->log) { /* the written bytes: the first hs + length of the chains' buffers */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        uint64_t left = hs + f->length;
+        for (uint32_t c = 0; c < pl->nchains && left; c++) {
+            const struct sw_chain *ch = &e->chains[pl->chain0 + c];
+            for (uint32_t k = 0; k < ch->nseg && left; k++) {
+                const struct sw_seg *d = &e->segs[ch->seg0 + k];
+                uint64_t n = d->len < left ? d->len : left;
+                log_mark(q, d->gpa, n);
+                left -= n;
+            }
+        }
     }
     q->last_avail = pl->cursor;
     r->rx_packets++;

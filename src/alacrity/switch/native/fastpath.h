@@ -34,6 +34,12 @@ struct sw_queue {
     uint8_t native;             /* attached: C may use this ring */
     uint8_t touched;            /* in sw_engine.order this poll */
     uint32_t pushed;            /* used entries since the last sync out (DeviceQueue.requests) */
+    uint16_t published;         /* the used index last stored in the used ring */
+    uint8_t log_used;           /* the dirty log covers the used ring too, at used_log */
+    uint8_t pad;
+    uint8_t *log;               /* the dirty log (DeviceQueue.logging), log_size bytes; NULL: none */
+    uint64_t log_size;
+    uint64_t used_log;          /* the used ring's guest-physical address, for the log */
 };
 
 struct sw_port {
@@ -64,6 +70,7 @@ struct sw_port {
 struct sw_seg {
     uint8_t *p;
     uint64_t len;
+    uint64_t gpa;               /* where the guest has it: for the dirty log */
 };
 
 struct sw_chain {

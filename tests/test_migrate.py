@@ -1,0 +1,250 @@
+"""`alacrity vm migrate`: real guests move, live, into new QEMUs: on one host under disk
+and network load with nothing lost, back and forth, and to a second daemon over TCP; and a
+migration that is cancelled, loses its destination or finds a device missing leaves the
+guest running where it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alacrity.vm.qmp import QmpClient
+from tests.conftest import Daemon, fuse_available, need
+
+pytestmark = pytest.mark.vm
+CLI = [sys.executable, "-m", "alacrity.cli"]
+#: The guest's writer: block I of the disk (4 KiB at I*4096) holds "I" and newlines,
+#: synced, then the console says so.
+WRITER = ("i=0; while [ $i -lt 16000 ]; do i=$((i+1)); yes $i | head -c 4096 > /tmp/b; "
+          "dd if=/tmp/b of=/dev/vda bs=4096 seek=$i count=1 conv=notrunc,fsync 2>/dev/null "
+          "&& echo wrote $i; sleep 0.02; done")
+TICKER = "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done"
+
+
+def block(i: int) -> bytes:
+    return (f"{i}\n".encode() * 4096)[:4096]
+
+
+class Lab:
+    def __init__(self, root: Path, image, name: str = "d") -> None:
+        self.root, self.image = root, image
+        self.daemon = Daemon(root / name)
+
+    def cli(self, *args: str, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+        out = subprocess.run([*CLI, *args], env=self.daemon.env, capture_output=True, text=True,
+                             timeout=timeout)
+        assert not check or out.returncode == 0, out.stderr
+        return out
+
+    def start(self, name: str, bus: str, cmd: str, *more: str) -> None:
+        self.cli("vm", "run", "--bus", bus, "--name", name, "--detach", "--cmd", cmd, "--kernel",
+                 str(self.image.kernel), "--initrd", str(self.image.initrd), *more, check=True)
+
+    def record(self, name: str) -> dict:
+        return json.loads((Path(self.daemon.env["ALACRITY_VM_DIR"]) / name / "vm.json").read_text())
+
+    def console(self, name: str) -> str:
+        return Path(self.record(name)["console"]).read_text(errors="replace")
+
+    def wait_console(self, name: str, pattern: str, timeout: float = 120) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = list(re.finditer(pattern, self.console(name)))
+            if found:
+                return found[-1]
+            time.sleep(0.2)
+        raise AssertionError(f"{name}: no {pattern!r} in its console:\n{self.console(name)[-2000:]}")
+
+    def wait_count(self, name: str, word: str, at_least: int, timeout: float = 120) -> int:
+        """Until the last `word N` line of the console (whichever QEMU's) has N >= at_least."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.findall(rf"{word} (\d+)", self.console(name))
+            if found and int(found[-1]) >= at_least:
+                return int(found[-1])
+            time.sleep(0.2)
+        raise AssertionError(f"{name}: no {word} >= {at_least} in its console:\n{self.console(name)[-2000:]}")
+
+    def qmp(self, name: str, command: str, arguments: dict | None = None):
+        with QmpClient(self.record(name)["qmp"]) as qmp:
+            return qmp.execute(command, arguments)
+
+
+@pytest.fixture
+def lab(tmp_path, guest_image):
+    need(fuse_available(), "FUSE is not available (/dev/fuse or fusermount3 missing)")
+    need(os.geteuid() == 0, "alacrityd needs root")
+    lab = Lab(tmp_path, guest_image)
+    lab.daemon.start()
+    try:
+        yield lab
+    finally:
+        for rec in Path(lab.daemon.env["ALACRITY_VM_DIR"]).glob("*/vm.json"):
+            lab.cli("vm", "stop", rec.parent.name, timeout=60)
+        lab.daemon.stop()
+
+
+def qemu_processes() -> set[int]:
+    return {int(p) for p in os.listdir("/proc") if p.isdigit() and _comm(p) == "qemu-system-x86"}
+
+
+def _comm(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def test_a_vm_with_a_disk_and_a_nic_moves_under_load_and_loses_nothing(lab, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 64 << 20)
+    lab.daemon.make_disk("d0", "a", disk, size="64M")
+    lab.daemon.make_switch("sw0", ["a", "b"])
+    lab.start("vm1", "a", f"iperf3 -s -D; {WRITER}", "--ip", "10.9.0.1/24")
+    lab.start("vm2", "b", "iperf3 -c 10.9.0.1 -t 40 -b 20M > /tmp/iperf.log 2>&1 & "
+              "ping -i 0.2 10.9.0.1 & sleep 45; cat /tmp/iperf.log; echo iperf-done; sleep 600",
+              "--ip", "10.9.0.2/24")
+    lab.wait_console("vm2", r"seq=\d+ ttl")
+    before = int(lab.wait_console("vm1", r"wrote (\d+)").group(1))
+    out = lab.cli("vm", "migrate", "vm1", "--max-downtime", "0.3")
+    assert out.returncode == 0 and "migrated vm1" in out.stdout, out.stderr
+    assert "completed" in out.stderr and "downtime" in out.stderr  # the last figures, off a terminal
+    lab.wait_count("vm1", "wrote", before + 20)  # it writes on, in its new QEMU
+    # Pings resume within a second: at 0.2 s apart, at most 5 go missing in a row.
+    report = lab.wait_console("vm2", r"iperf-done", timeout=180)
+    assert report
+    seqs = [int(s) for s in re.findall(r"seq=(\d+) ttl", lab.console("vm2"))]
+    gaps = [b - a for a, b in zip(seqs, seqs[1:], strict=False)]
+    assert seqs and max(gaps) <= 5, gaps
+    log = lab.console("vm2")
+    assert re.search(r"receiver", log) and "error" not in log.split("iperf-done")[0].lower(), log[-3000:]
+    # Every write the guest reported is on disk, in order.
+    last = int(lab.wait_console("vm1", r"wrote (\d+)").group(1))
+    assert lab.cli("vm", "stop", "vm1").returncode == 0
+    data = disk.read_bytes()
+    bad = [i for i in range(1, last + 1) if data[i * 4096:(i + 1) * 4096] != block(i)]
+    assert bad == [], f"{len(bad)} of {last} synced blocks lost, first {bad[:5]}"
+
+
+def test_back_and_forth_ten_times(lab, tmp_path):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 64 << 20)
+    lab.daemon.make_disk("d0", "a", disk, size="64M")
+    lab.daemon.make_switch("sw0", ["a"])
+    lab.start("vm1", "a", WRITER, "--ip", "10.9.0.1/24")
+    qemus = qemu_processes()
+    for n in range(10):
+        seen = int(lab.wait_console("vm1", r"wrote (\d+)").group(1))
+        out = lab.cli("vm", "migrate", "vm1")
+        assert out.returncode == 0, f"migration {n + 1}: {out.stderr}"
+        lab.wait_count("vm1", "wrote", seen + 3)
+    assert len(qemu_processes()) == len(qemus)  # each source went
+    last = int(lab.wait_console("vm1", r"wrote (\d+)").group(1))
+    lab.cli("vm", "stop", "vm1", check=True)
+    data = disk.read_bytes()
+    assert [i for i in range(1, last + 1) if data[i * 4096:(i + 1) * 4096] != block(i)] == []
+    assert os.listdir(Path(lab.daemon.env["ALACRITY_VM_DIR"])) == []
+
+
+def slow_down(lab: Lab, name: str) -> None:
+    """A migration slow enough to interrupt: 4 MB/s for ~100 MiB."""
+    lab.qmp(name, "migrate-set-parameters", {"max-bandwidth": 4 << 20})
+
+
+def wait_migrating(lab: Lab, name: str) -> None:
+    deadline = time.monotonic() + 60
+    while lab.qmp(name, "query-migrate").get("status") != "active":
+        assert time.monotonic() < deadline, "the migration did not start"
+        time.sleep(0.1)
+
+
+def test_a_cancelled_migration_leaves_the_vm_running_where_it_was(lab):
+    lab.daemon.sh("mkdir $A/buses/a")
+    lab.start("vm1", "a", TICKER)
+    source_pid = lab.record("vm1")["pid"]
+    slow_down(lab, "vm1")
+    migrating = subprocess.Popen([*CLI, "vm", "migrate", "vm1"], env=lab.daemon.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    wait_migrating(lab, "vm1")
+    out = lab.cli("vm", "migrate", "--cancel", "vm1", check=True)
+    assert out.stdout == "cancelled the migration of vm1\n"
+    _, err = migrating.communicate(timeout=60)
+    assert migrating.returncode == 2 and "cancelled" in err and "runs on where it was" in err, err
+    assert lab.record("vm1")["pid"] == source_pid
+    assert lab.qmp("vm1", "query-status")["status"] == "running"
+    ticks = int(lab.wait_console("vm1", r"tick (\d+)").group(1))
+    lab.wait_count("vm1", "tick", ticks + 5)
+    assert not list(Path(lab.record("vm1")["dir"]).glob("m*"))  # the destination is gone
+    out = lab.cli("vm", "migrate", "--cancel", "vm1")
+    assert out.returncode == 2 and "is not migrating" in out.stderr
+
+
+def test_a_destination_killed_mid_way_leaves_the_vm_running(lab):
+    lab.daemon.sh("mkdir $A/buses/a")
+    lab.start("vm1", "a", TICKER)
+    slow_down(lab, "vm1")
+    migrating = subprocess.Popen([*CLI, "vm", "migrate", "vm1"], env=lab.daemon.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+    wait_migrating(lab, "vm1")
+    dest = json.loads((Path(lab.record("vm1")["dir"]) / "m1" / "vm.json").read_text())
+    os.killpg(dest["pid"], signal.SIGKILL)
+    _, err = migrating.communicate(timeout=60)
+    assert migrating.returncode == 2 and "runs on where it was" in err, err
+    assert lab.qmp("vm1", "query-status")["status"] == "running"
+    ticks = int(lab.wait_console("vm1", r"tick (\d+)").group(1))
+    lab.wait_count("vm1", "tick", ticks + 5)
+
+
+def incoming(side: Lab, common: list[str], where: str) -> subprocess.Popen:
+    """`vm run --incoming` on `side`, once it listens."""
+    proc = subprocess.Popen([*CLI, "vm", "run", *common, "--incoming", where], env=side.daemon.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "waiting on" in line:
+            return proc
+    raise AssertionError(f"vm run --incoming ended ({proc.wait()}) without listening")
+
+
+def test_to_another_daemon_over_tcp_and_refused_without_the_same_devices(lab, tmp_path):
+    other = Lab(tmp_path, lab.image, "e")
+    other.daemon.start()
+    try:
+        for side in (lab, other):
+            side.daemon.make_switch("lan0", ["a"])
+        lab.daemon.sh("mkdir $A/devices/lan1\necho switch > $A/devices/lan1/type\n"
+                      "ln -s ../../devices/lan1 $A/buses/a/lan1")
+        lab.start("vm1", "a", TICKER)
+        common = ["--bus", "a", "--name", "vm1", "--detach", "--kernel", str(lab.image.kernel),
+                  "--initrd", str(lab.image.initrd)]
+        waiting = incoming(other, common, "tcp:127.0.0.1:4591")
+        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591")
+        assert out.returncode == 2 and "refused the VM, which runs on here" in out.stderr, out.stderr
+        assert "lan1" in out.stderr and "make the same devices on the bus here" in out.stderr
+        _, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 2 and "lan1" in err, err
+        assert lab.qmp("vm1", "query-status")["status"] == "running"
+        # With the same devices there, it goes.
+        other.daemon.sh("mkdir $A/devices/lan1\necho switch > $A/devices/lan1/type\n"
+                        "ln -s ../../devices/lan1 $A/buses/a/lan1")
+        waiting = incoming(other, common, "tcp:127.0.0.1:4591")
+        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591")
+        assert out.returncode == 0, out.stderr
+        out_in, err_in = waiting.communicate(timeout=120)
+        assert waiting.returncode == 0 and out_in == "vm1\n", err_in
+        assert lab.cli("vm", "list").stdout == "no running VMs\n"
+        ticks = int(other.wait_console("vm1", r"tick (\d+)").group(1))
+        other.wait_count("vm1", "tick", ticks + 5)
+    finally:
+        other.cli("vm", "stop", "vm1", timeout=60)
+        other.daemon.stop()
