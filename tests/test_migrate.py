@@ -205,14 +205,14 @@ def test_a_destination_killed_mid_way_leaves_the_vm_running(lab):
     lab.wait_count("vm1", "tick", ticks + 5)
 
 
-def incoming(side: Lab, common: list[str], where: str) -> subprocess.Popen:
-    """`vm run --incoming` on `side`, once it listens."""
+def incoming(side: Lab, common: list[str], where: str) -> tuple[subprocess.Popen, str]:
+    """`vm run --incoming` on `side`, once it listens, and the token it printed."""
     proc = subprocess.Popen([*CLI, "vm", "run", *common, "--incoming", where], env=side.daemon.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:
         if "waiting on" in line:
-            return proc
+            return proc, line.split("--token ")[1].split("'")[0]
     raise AssertionError(f"vm run --incoming ended ({proc.wait()}) without listening")
 
 
@@ -227,8 +227,8 @@ def test_to_another_daemon_over_tcp_and_refused_without_the_same_devices(lab, tm
         lab.start("vm1", "a", TICKER)
         common = ["--bus", "a", "--name", "vm1", "--detach", "--kernel", str(lab.image.kernel),
                   "--initrd", str(lab.image.initrd)]
-        waiting = incoming(other, common, "tcp:127.0.0.1:4591")
-        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591")
+        waiting, token = incoming(other, common, "tcp:127.0.0.1:4591")
+        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591", "--token", token)
         assert out.returncode == 2 and "refused the VM, which runs on here" in out.stderr, out.stderr
         assert "lan1" in out.stderr and "make the same devices on the bus here" in out.stderr
         _, err = waiting.communicate(timeout=60)
@@ -237,8 +237,13 @@ def test_to_another_daemon_over_tcp_and_refused_without_the_same_devices(lab, tm
         # With the same devices there, it goes.
         other.daemon.sh("mkdir $A/devices/lan1\necho switch > $A/devices/lan1/type\n"
                         "ln -s ../../devices/lan1 $A/buses/a/lan1")
-        waiting = incoming(other, common, "tcp:127.0.0.1:4591")
-        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591")
+        # A source without the token is turned away, and the destination waits no more.
+        waiting, token = incoming(other, common, "tcp:127.0.0.1:4591")
+        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591", "--token", "0" * 24)
+        assert out.returncode == 2 and "wrong --token" in out.stderr, out.stderr
+        assert waiting.wait(60) == 2
+        waiting, token = incoming(other, common, "tcp:127.0.0.1:4591")
+        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591", "--token", token)
         assert out.returncode == 0, out.stderr
         out_in, err_in = waiting.communicate(timeout=120)
         assert waiting.returncode == 0 and out_in == "vm1\n", err_in

@@ -84,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "with 'alacrity vm stop NAME'")
     run.add_argument("--incoming", metavar="tcp:ADDR:PORT",
                      help="do not boot: wait on ADDR:PORT for a running VM that 'alacrity vm migrate "
-                     "NAME --to tcp:ADDR:PORT' sends from another host, then run it here (with --detach, "
-                     "the same --name, and a bus with devices of the same names)")
+                     "NAME --to tcp:ADDR:PORT --token TOKEN' sends from another host, then run it here "
+                     "(with --detach, the same --name, and a bus with devices of the same names); "
+                     "TOKEN is printed, or given with --token")
+    run.add_argument("--token", help="with --incoming: the secret the source must show (default: a "
+                     "random one, printed)")
     run.add_argument("--no-jail", action="store_true",
                      help="run QEMU as root, unjailed, for debugging (root only). By default QEMU runs "
                      "as a uid of its own from alacrityd's --id-range, with no capabilities, "

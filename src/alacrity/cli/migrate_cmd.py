@@ -19,12 +19,14 @@ QEMU 7.2's vhost-user-vsock and vhost-user-rng cannot, so a VM on a bus with a v
 device is refused before anything starts. A failed or cancelled migration leaves the VM running where it was.
 
 Across hosts, start the destination first; the disks must reach the same images (shared
-storage), and the stream is plain TCP: use it on a network you trust.
+storage). The destination takes only a source that shows its token, but the stream itself
+is plain TCP: use it on a network you trust.
 
 examples:
   alacrity vm migrate web1
-  alacrity vm run --incoming tcp:0.0.0.0:4444 --detach --bus web --name web1   (on host B)
-  alacrity vm migrate web1 --to tcp:hostb:4444                                 (on host A)
+  alacrity vm run --incoming tcp:0.0.0.0:4444 --detach --bus web --name web1   (on host B;
+                                                         it prints the token to give host A)
+  alacrity vm migrate web1 --to tcp:hostb:4444 --token TOKEN                   (on host A)
   alacrity vm migrate web1 --max-downtime 0.1
   alacrity vm migrate --cancel web1      (from another terminal)
 """
@@ -41,12 +43,15 @@ def add_parser(vm_sub: argparse._SubParsersAction) -> None:
                         help="to another host, where 'alacrity vm run --incoming tcp:ADDR:PORT --detach "
                         "--bus B --name NAME' waits (its daemon has bus B with devices of the same names, "
                         "its disks reach the same images)")
+    parser.add_argument("--token", help="with --to: the token 'vm run --incoming' printed there")
     parser.add_argument("--cancel", action="store_true", help="cancel NAME's migration in progress")
 
 
 def run(args: argparse.Namespace) -> int:
     from alacrity.vm.migrate import MigrationError, cancel, migrate
 
+    if args.to and not args.token:
+        raise UserError("--to needs --token: the one 'alacrity vm run --incoming' printed on the other host")
     if args.max_downtime is not None and not 0 < args.max_downtime <= 60:
         raise UserError(f"--max-downtime {args.max_downtime}: give seconds between 0 and 60, e.g. 0.3")
     try:
@@ -58,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         show, done = _display(args.name)
         begun = time.monotonic()
         try:
-            migrate(args.name, to=args.to, max_downtime_s=args.max_downtime, on_progress=show)
+            migrate(args.name, to=args.to, token=args.token or "", max_downtime_s=args.max_downtime,
+                    on_progress=show)
         finally:
             done()
     except MigrationError as exc:

@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     if args.detach and args.timeout:
         raise UserError("--timeout kills a VM that vm run waits for; a detached VM runs until "
                         "'alacrity vm stop NAME': leave out --timeout")
+    if args.token and not args.incoming:
+        raise UserError("--token goes with --incoming (the token a migration's source must show)")
     if args.incoming and not args.detach:
         raise UserError("--incoming makes the VM a migration's destination, which runs on detached: "
                         "add --detach")
@@ -168,9 +170,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         vm.start()
         if args.incoming:
-            from alacrity.vm.migrate import receive
+            from alacrity.vm.migrate import new_token, receive
 
-            receive(vm, args.incoming, lambda line: print(f"alacrity: {line}", file=sys.stderr))
+            receive(vm, args.incoming, args.token or new_token(),
+                    lambda line: print(f"alacrity: {line}", file=sys.stderr, flush=True))
             detached = True
             print(name)
             return 0

@@ -19,7 +19,9 @@ the same name with devices of the same names, and its disks must reach the same 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
+import secrets
 import shutil
 import socket
 import time
@@ -102,14 +104,14 @@ def _hello_line(sock: socket.socket) -> str:
     return line.decode(errors="replace").rstrip("\n")
 
 
-def migrate(name: str, *, to: str | None = None, max_downtime_s: float | None = None,
+def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s: float | None = None,
             on_progress: Callable[[dict], None] | None = None, timeout_s: float = 3600.0) -> VmRecord | None:
     """Move VM `name` into a new QEMU: here (its new record), or `to` tcp:HOST:PORT where
-    `vm run --incoming` waits (None: it runs there now). MigrationError if it did not move
-    (the source then runs on)."""
+    `vm run --incoming` waits with `token` (None: it runs there now). MigrationError if it
+    did not move (the source then runs on)."""
     source = source_of(name)
     if to is not None:
-        return _migrate_away(source, to, max_downtime_s, on_progress, time.monotonic() + timeout_s)
+        return _migrate_away(source, to, token, max_downtime_s, on_progress, time.monotonic() + timeout_s)
     home = Path(source.dir)
     spec = spec_from_fields(source.spec or {})
     generation = 1 + max((int(p.name[1:]) for p in home.glob("m[0-9]*") if p.name[1:].isdigit()), default=0)
@@ -138,7 +140,7 @@ def migrate(name: str, *, to: str | None = None, max_downtime_s: float | None = 
     return _promote(source, dest)
 
 
-def _migrate_away(source: VmRecord, to: str, max_downtime_s: float | None,
+def _migrate_away(source: VmRecord, to: str, token: str, max_downtime_s: float | None,
                   on_progress: Callable[[dict], None] | None, deadline: float) -> None:
     try:
         host, port = parse_tcp(to)
@@ -146,7 +148,7 @@ def _migrate_away(source: VmRecord, to: str, max_downtime_s: float | None,
         raise MigrationError(str(exc)) from None
     try:
         stream = socket.create_connection((host, port), timeout=HELLO_S)
-        stream.sendall((HELLO + json.dumps({"name": source.name, "devices": device_list(
+        stream.sendall((HELLO + json.dumps({"name": source.name, "token": token, "devices": device_list(
             spec_from_fields(source.spec or {}))}) + "\n").encode())
         answer = _hello_line(stream)
     except OSError as exc:
@@ -173,11 +175,17 @@ def _migrate_away(source: VmRecord, to: str, max_downtime_s: float | None,
     shutil.rmtree(source.dir, ignore_errors=True)
 
 
-def receive(vm: VM, listen: str, on_progress: Callable[[str], None] | None = None,
+def new_token() -> str:
+    """What the source must show (`vm migrate --token`): whoever else reaches the port could
+    otherwise hand this QEMU a VM of their own, with the bus's devices."""
+    return secrets.token_hex(12)
+
+
+def receive(vm: VM, listen: str, token: str, on_progress: Callable[[str], None] | None = None,
             wait_s: float = 600.0) -> None:
     """Make `vm` (started with `incoming`) the destination of a migration from another
-    host: listen on tcp:ADDR:PORT for the source's `vm migrate --to`, take the stream, and
-    return once the VM runs here. MigrationError (the caller kills `vm`) otherwise."""
+    host: listen on tcp:ADDR:PORT for the source's `vm migrate --to` with `token`, take the
+    stream, and return once the VM runs here. MigrationError (the caller kills `vm`) otherwise."""
     try:
         host, port = parse_tcp(listen)
     except ValueError as exc:
@@ -193,13 +201,14 @@ def receive(vm: VM, listen: str, on_progress: Callable[[str], None] | None = Non
         listener.listen(1)
         listener.settimeout(wait_s)
         if on_progress is not None:
-            on_progress(f"waiting on {listen} for 'alacrity vm migrate {vm.spec.name} --to ...'")
+            on_progress(f"waiting on {listen} for 'alacrity vm migrate {vm.spec.name} --to tcp:THIS-HOST:"
+                        f"{port} --token {token}'")
         try:
             stream, peer = listener.accept()
         except TimeoutError:
             raise MigrationError(f"no migration arrived on {listen} in {wait_s:g} s") from None
     with stream:
-        _check_hello(stream, vm)
+        _check_hello(stream, vm, token)
         _qmp(str(vm.qmp_path), "getfd", {"fdname": "migration"}, [stream.fileno()])
         _qmp(str(vm.qmp_path), "migrate-incoming", {"uri": "fd:migration"})
     if on_progress is not None:
@@ -216,8 +225,9 @@ def receive(vm: VM, listen: str, on_progress: Callable[[str], None] | None = Non
         time.sleep(POLL_S)
 
 
-def _check_hello(stream: socket.socket, vm: VM) -> None:
-    """The source's line: the same VM name and devices as ours, or both sides are told why not."""
+def _check_hello(stream: socket.socket, vm: VM, token: str) -> None:
+    """The source's line: our token, the same VM name and devices as ours, or both sides are
+    told why not."""
     stream.settimeout(HELLO_S)
     line = _hello_line(stream)
     try:
@@ -227,6 +237,8 @@ def _check_hello(stream: socket.socket, vm: VM) -> None:
     ours = device_list(vm.spec)
     if not isinstance(offer, dict):
         why = "not an alacrity migration"
+    elif not hmac.compare_digest(str(offer.get("token", "")).encode(), token.encode()):
+        why = "wrong --token (vm run --incoming printed the right one)"
     elif offer.get("name") != vm.spec.name:
         why = f"VM {offer.get('name')!r} arrived, this side waits for {vm.spec.name!r}: give vm run --name"
     elif offer.get("devices") != ours:
