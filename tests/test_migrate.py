@@ -1,5 +1,6 @@
 """`alacrity vm migrate`: real guests move, live, into new QEMUs: on one host under disk
-and network load with nothing lost, back and forth, and to a second daemon over TCP; and a
+and network load with nothing lost, back and forth, and to a second daemon over TCP between
+network namespaces; and a
 migration that is cancelled, loses its destination or finds a device missing leaves the
 guest running where it was."""
 
@@ -205,10 +206,11 @@ def test_a_destination_killed_mid_way_leaves_the_vm_running(lab):
     lab.wait_count("vm1", "tick", ticks + 5)
 
 
-def incoming(side: Lab, common: list[str], where: str) -> tuple[subprocess.Popen, str]:
-    """`vm run --incoming` on `side`, once it listens, and the token it printed."""
-    proc = subprocess.Popen([*CLI, "vm", "run", *common, "--incoming", where], env=side.daemon.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def incoming(side: Lab, common: list[str], where: str, netns: str) -> tuple[subprocess.Popen, str]:
+    """`vm run --incoming` on `side`, in network namespace `netns`, once it listens, and the
+    token it printed."""
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, *CLI, "vm", "run", *common, "--incoming", where],
+                            env=side.daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:
         if "waiting on" in line:
@@ -216,40 +218,82 @@ def incoming(side: Lab, common: list[str], where: str) -> tuple[subprocess.Popen
     raise AssertionError(f"vm run --incoming ended ({proc.wait()}) without listening")
 
 
-def test_to_another_daemon_over_tcp_and_refused_without_the_same_devices(lab, tmp_path):
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: 10.99.0.1 (A) and 10.99.0.2 (B)."""
+    a, b = f"alm-a-{os.getpid()}", f"alm-b-{os.getpid()}"
+    script = f"""
+        ip netns add {a}; ip netns add {b}
+        ip link add veth-{a[-6:]} netns {a} type veth peer name veth-{b[-6:]} netns {b}
+        ip -n {a} addr add 10.99.0.1/24 dev veth-{a[-6:]}; ip -n {b} addr add 10.99.0.2/24 dev veth-{b[-6:]}
+        ip -n {a} link set veth-{a[-6:]} up; ip -n {b} link set veth-{b[-6:]} up
+        ip -n {a} link set lo up; ip -n {b} link set lo up
+    """
+    made = subprocess.run(["sh", "-ec", script], capture_output=True, text=True)
+    try:
+        need(made.returncode == 0, f"cannot make network namespaces: {made.stderr.strip()}")
+        yield a, b
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_to_another_host_over_tcp_and_refused_without_the_same_devices(lab, tmp_path, two_hosts):
+    """Two daemons, each with its own run directory, admin tree and switch; the two CLIs in
+    two network namespaces, the stream over TCP between them; the disk on a path both reach.
+    After the move the guest writes on, through the other daemon, and answers pings there."""
+    ns_a, ns_b = two_hosts
     other = Lab(tmp_path, lab.image, "e")
     other.daemon.start()
+    disk = tmp_path / "shared.img"
+    disk.write_bytes(b"")
+    os.truncate(disk, 64 << 20)
+    tap = f"almt{os.getpid() % 100000}"
     try:
         for side in (lab, other):
-            side.daemon.make_switch("lan0", ["a"])
-        lab.daemon.sh("mkdir $A/devices/lan1\necho switch > $A/devices/lan1/type\n"
-                      "ln -s ../../devices/lan1 $A/buses/a/lan1")
-        lab.start("vm1", "a", TICKER)
+            side.daemon.make_disk("d0", "a", disk, size="64M")
+        lab.daemon.make_switch("lan0", ["a"])
+        lab.start("vm1", "a", WRITER, "--ip", "10.9.0.1/24")
         common = ["--bus", "a", "--name", "vm1", "--detach", "--kernel", str(lab.image.kernel),
                   "--initrd", str(lab.image.initrd)]
-        waiting, token = incoming(other, common, "tcp:127.0.0.1:4591")
-        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591", "--token", token)
+        to = "tcp:10.99.0.2:4591"
+
+        def send(token: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["ip", "netns", "exec", ns_a, *CLI, "vm", "migrate", "vm1", "--to", to,
+                                   "--token", token], env=lab.daemon.env, capture_output=True, text=True,
+                                  timeout=300)
+
+        # B's bus lacks the switch: refused before anything stops.
+        waiting, token = incoming(other, common, "tcp:0.0.0.0:4591", ns_b)
+        out = send(token)
         assert out.returncode == 2 and "refused the VM, which runs on here" in out.stderr, out.stderr
-        assert "lan1" in out.stderr and "make the same devices on the bus here" in out.stderr
+        assert "lan0" in out.stderr and "make the same devices on the bus here" in out.stderr
         _, err = waiting.communicate(timeout=60)
-        assert waiting.returncode == 2 and "lan1" in err, err
+        assert waiting.returncode == 2 and "lan0" in err, err
         assert lab.qmp("vm1", "query-status")["status"] == "running"
-        # With the same devices there, it goes.
-        other.daemon.sh("mkdir $A/devices/lan1\necho switch > $A/devices/lan1/type\n"
-                        "ln -s ../../devices/lan1 $A/buses/a/lan1")
-        # A source without the token is turned away, and the destination waits no more.
-        waiting, token = incoming(other, common, "tcp:127.0.0.1:4591")
-        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591", "--token", "0" * 24)
+        # B gets the switch, with a tap uplink on its side; a source without the token is
+        # turned away, and that destination waits no more.
+        other.daemon.make_switch("lan0", ["a"], extra=f"echo {tap} > $A/devices/lan0/uplink")
+        waiting, token = incoming(other, common, "tcp:0.0.0.0:4591", ns_b)
+        out = send("0" * 24)
         assert out.returncode == 2 and "wrong --token" in out.stderr, out.stderr
         assert waiting.wait(60) == 2
-        waiting, token = incoming(other, common, "tcp:127.0.0.1:4591")
-        out = lab.cli("vm", "migrate", "vm1", "--to", "tcp:127.0.0.1:4591", "--token", token)
-        assert out.returncode == 0, out.stderr
+        waiting, token = incoming(other, common, "tcp:0.0.0.0:4591", ns_b)
+        before = int(lab.wait_console("vm1", r"wrote (\d+)").group(1))
+        out = send(token)
+        assert out.returncode == 0 and f"migrated vm1 to {to}" in out.stdout, out.stderr
         out_in, err_in = waiting.communicate(timeout=120)
         assert waiting.returncode == 0 and out_in == "vm1\n", err_in
         assert lab.cli("vm", "list").stdout == "no running VMs\n"
-        ticks = int(other.wait_console("vm1", r"tick (\d+)").group(1))
-        other.wait_count("vm1", "tick", ticks + 5)
+        other.wait_count("vm1", "wrote", before + 20)
+        subprocess.run(["ip", "addr", "add", "10.9.0.254/24", "dev", tap], check=True)
+        ping = subprocess.run(["ping", "-c", "3", "-w", "30", "10.9.0.1"], capture_output=True, text=True)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        last = int(other.wait_console("vm1", r"wrote (\d+)").group(1))
+        other.cli("vm", "stop", "vm1", timeout=60, check=True)
+        data = disk.read_bytes()
+        assert [i for i in range(1, last + 1) if data[i * 4096:(i + 1) * 4096] != block(i)] == []
     finally:
         other.cli("vm", "stop", "vm1", timeout=60)
         other.daemon.stop()
+        subprocess.run(["ip", "link", "del", tap], capture_output=True)
