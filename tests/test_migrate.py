@@ -1,8 +1,7 @@
 """`alacrity vm migrate`: real guests move, live, into new QEMUs: on one host under disk
 and network load with nothing lost, back and forth, and to a second daemon over TCP between
-network namespaces; and a
-migration that is cancelled, loses its destination or finds a device missing leaves the
-guest running where it was."""
+network namespaces; and a migration that is cancelled, loses its destination or finds a
+device missing leaves the guest running where it was."""
 
 from __future__ import annotations
 
