@@ -279,7 +279,7 @@ def _follow(source: VmRecord, dest: VM | None, on_progress: Callable[[dict], Non
             on_progress(info)
         if status == "completed":
             break
-        if status in ("failed", "cancelled", "cancelling"):
+        if status in ("failed", "cancelled"):  # "cancelling" is on its way to "cancelled"
             why = info.get("error-desc") or status
             raise MigrationError(f"migration of {source.name!r} {status}: {why}; the VM runs on where it was")
         if dest is not None and (dest.proc is None or dest.proc.poll() is not None):
