@@ -27,11 +27,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from alacrity import native_build
 from alacrity.devices.blk import BlkDevice
+from alacrity.native_build import NativeUnavailable
 from alacrity.switch import native
 from alacrity.switch.engine import Engine
 from alacrity.switch.fdb import Fdb
-from alacrity.vhost_user import sigbus
+from alacrity.vhost_user import dirty_log, sigbus
 from alacrity.vhost_user.backend import PROTOCOL_FEATURES, Backend
 from alacrity.vhost_user.dirty_log import MAX_LOG_MAP, DirtyLog
 from alacrity.vhost_user.memory import MemoryTable
@@ -197,8 +199,23 @@ def rig_on(dev: BlkDevice):
 
 
 # -- the log itself
-def test_mark_sets_the_bits_of_the_pages_touched():
-    log = DirtyLog(memoryview(bytearray(4)))
+#: How a log sets the bits it found clear: dirty_log.c's atomic ORs, one call per `mark`
+#: (where it builds), or a FUTEX_WAKE_OP system call per bit (the fallback, and the reference).
+SETTERS = [pytest.param(True, id="native"), pytest.param(False, id="futex")]
+NATIVE = dirty_log.native_available()
+
+
+def make_log(view: memoryview, native: bool) -> DirtyLog:
+    if native and not NATIVE:
+        pytest.skip(f"dirty_log.c is not available here: {dirty_log._setter.failed}")
+    log = DirtyLog(view, native=native)
+    assert (log._lib is not None) == native
+    return log
+
+
+@pytest.mark.parametrize("native", SETTERS)
+def test_mark_sets_the_bits_of_the_pages_touched(native):
+    log = make_log(memoryview(bytearray(4)), native)
     log.mark([(0x1FFF, 2)])  # pages 1 and 2
     log.mark([(0x8000, 1)])  # page 8: the next byte
     log.mark([(0x5000, 0)])  # nothing
@@ -209,40 +226,120 @@ def test_mark_sets_the_bits_of_the_pages_touched():
         log.mark([(0x1F000, 0x1001)])
     with pytest.raises(QueueError):
         log.mark([(U64_MAX - 10, 5)])
+    with pytest.raises(QueueError, match="beyond"):  # the ranges before the bad one are marked
+        log.mark([(0x3000, 1), (0x3000, 2), (0x10000, 0x2000), (0x20000, 1), (0x4000, 1)])
+    assert bits(log.view) == {1, 2, 3, 8, 16, 17, *range(24, 32)}
 
 
-def test_marks_from_two_processes_on_the_same_bytes_are_never_lost():
+@pytest.mark.parametrize(("parent", "child"), [(True, True), (False, False), (True, False)],
+                         ids=["native", "futex", "native-and-futex"])
+def test_marks_from_two_processes_on_the_same_bytes_are_never_lost(parent, child):
     """QEMU gives one log to all a VM's vhost devices: alacrityd and a switch process mark the
     same bytes at once. In each round both walk a fresh log in step, each setting every other
-    bit: all must be set in the end (a plain read-modify-write loses thousands)."""
-    size, rounds = 1 << 11, 10
-    fd = memfd(size * rounds)
-    shared = mmap.mmap(fd, size * rounds)
+    bit: all must be set in the end (a plain read-modify-write loses thousands). In half the
+    rounds each `mark` sets one bit; in the others each process hands all its bits, listed
+    before the start, to the setter at once (no scan, and a larger log, so that both run
+    dirty_log.c's loop at the same time: a plain |= there loses bits too). The two may set
+    bits differently (a switch process without dirty_log.c): that loses none either."""
+    sizes = [1 << 11, 1 << 14] * 5  # bytes of each round's log: `mark` rounds, setter rounds
+    fd = memfd(sum(sizes))
+    shared = mmap.mmap(fd, sum(sizes))
     os.close(fd)
-    logs = [DirtyLog(memoryview(shared)[r * size : (r + 1) * size]) for r in range(rounds)]
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    views = [memoryview(shared)[at : at + size] for at, size in zip(starts, sizes, strict=True)]
+    parent_logs = [make_log(view, parent) for view in views]
+    child_logs = [make_log(view, child) for view in views]
     (to_child, go_child), (to_parent, go_parent) = os.pipe(), os.pipe()
+
+    def rounds(logs: list[DirtyLog], first: int, go_other: int, wait: int):
+        """Each round's log and its work (every other page from `first`), after the start."""
+        for r, log in enumerate(logs):
+            pages = range(first, 8 * log.size, 2)
+            work = [list(pages)] if r % 2 else [[(page << 12, 1)] for page in pages]
+            os.write(go_other, b"!")
+            os.read(wait, 1)
+            if r % 2:
+                log._set(work[0])  # the setter alone
+            else:
+                for ranges in work:
+                    log.mark(ranges)
+
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
-            for log in logs:
-                os.write(go_parent, b"!")
-                os.read(to_child, 1)
-                for page in range(1, 8 * size, 2):
-                    log.mark([(page << 12, 1)])
+            rounds(child_logs, 1, go_parent, to_child)
         except BaseException:  # noqa: BLE001 - reported through the exit status
             code = 1
         os._exit(code)
-    for log in logs:
-        os.read(to_parent, 1)
-        os.write(go_child, b"!")
-        for page in range(0, 8 * size, 2):
-            log.mark([(page << 12, 1)])
+    rounds(parent_logs, 0, go_child, to_parent)
     _, status = os.waitpid(pid, 0)
     for fd in (to_child, go_child, to_parent, go_parent):
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert bytes(shared) == b"\xff" * (size * rounds)
+    assert bytes(shared) == b"\xff" * sum(sizes)
+
+
+GPAS = st.one_of(st.integers(0, 0x48000), st.sampled_from([0x3FFFF, 0x40000, U64_MAX - 9]))
+RANGES = st.lists(st.tuples(GPAS, st.sampled_from([0, 1, 2, 8, 0xFFF, 0x1000, 0x1001, 0x3000, 0x9000])),
+                  max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(before=st.binary(min_size=8, max_size=8), calls=st.lists(RANGES, min_size=1, max_size=4))
+def test_the_native_setter_marks_what_the_futex_one_marks(before, calls):
+    """dirty_log.c against the reference, the futex path: the same bits from any ranges and
+    any log state, the same refusals, the same ranges marked before one."""
+    if not NATIVE:
+        pytest.skip(f"dirty_log.c is not available here: {dirty_log._setter.failed}")
+    logs = [DirtyLog(memoryview(bytearray(before)), native=native) for native in (True, False)]
+    expect = bits(memoryview(before))
+    for ranges in calls:
+        outcomes = []
+        for log in logs:
+            try:
+                log.mark(ranges)
+                outcomes.append(None)
+            except QueueError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1]
+        for gpa, length in ranges:
+            if length > 0 and (gpa + length - 1) >> 15 >= 8:
+                break
+            expect |= pages(gpa, length)
+        assert bits(logs[0].view) == bits(logs[1].view) == expect
+
+
+def test_without_a_build_the_log_sets_bits_with_the_futex(monkeypatch, caplog):
+    """No trusted cache to build dirty_log.c into (a switch process after it dropped its
+    privileges): no build is tried, one line says so, and every log uses the futex."""
+    monkeypatch.setattr(dirty_log, "_setter", native_build.Once(dirty_log._load, dirty_log._unavailable))
+    monkeypatch.setattr(native_build, "cache_dir", lambda: None)
+    monkeypatch.setattr(native_build, "load", lambda spec: pytest.fail("a build was tried"))
+    with caplog.at_level("WARNING", logger="alacrity.vhost_user"):
+        log = DirtyLog(memoryview(bytearray(2)))
+        again = DirtyLog(memoryview(bytearray(2)))
+    assert log._lib is None and again._lib is None
+    assert [r.getMessage() for r in caplog.records if "dirty log" in r.getMessage()] == [
+        "dirty log: no native bit setter, so each bit newly set costs a system call: no trusted build "
+        "cache ($XDG_CACHE_HOME or ~/.cache)"]
+    with pytest.raises(NativeUnavailable):
+        dirty_log.load()
+    log.mark([(0x2000, 0x2000), (0x9000, 1)])
+    assert bits(log.view) == {2, 3, 9}
+
+
+def test_a_log_mapped_for_a_peer_uses_the_native_setter_where_it_builds():
+    if not NATIVE:
+        pytest.skip(f"dirty_log.c is not available here: {dirty_log._setter.failed}")
+    fd = memfd(4096)
+    try:
+        log = DirtyLog.map(fd, 4096, 0)
+    finally:
+        os.close(fd)
+    assert log._lib is not None
+    log.mark([(0x7000, 0x3000)])
+    assert bits(log.view) == {7, 8, 9}
 
 
 def test_a_chain_taken_before_logging_began_is_logged_when_returned():

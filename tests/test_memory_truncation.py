@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from alacrity import native_build
 from alacrity.client.area import SharedArea
 from alacrity.switch.engines import ENGINE_ENV
 from alacrity.switch.port import RX, TX, NetSession
@@ -235,8 +236,9 @@ def test_client_memory_is_sealed_by_the_client() -> None:
 
 
 def test_without_the_guard_unsealable_memory_is_refused(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(sigbus, "_loaded", None)
-    monkeypatch.setattr(sigbus, "_failed", "build failed: gcc: not found")
+    never = native_build.Once(sigbus._load)
+    never.failed = sigbus.GuardUnavailable("build failed: gcc: not found")
+    monkeypatch.setattr(sigbus, "_guard", never)
     with contextlib.ExitStack() as stack:
         for kind in KINDS:
             area = TruncatableArea(kind, UNIT, tmp_path)

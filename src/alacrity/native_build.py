@@ -11,7 +11,8 @@ file run as a script), so that compiler output and failures stay out of ours. Wh
 wrong, `load()` raises `NativeUnavailable` with a one-line reason; callers remember it and
 do not try again.
 
-Users: the switch's fast path (switch/native) and the SIGBUS guard (vhost_user/sigbus.py).
+Users: the switch's fast path (switch/native), the SIGBUS guard (vhost_user/sigbus.py) and
+the dirty log's bit setter (vhost_user/dirty_log.py); the last two load through `Once`.
 Run as a script (`python -P native_build.py OUTDIR MODULE DIR CDEF SOURCE`), this file imports
 nothing from alacrity, so it runs from any working directory, and prints the path of the
 built extension module (inside OUTDIR) on its last line.
@@ -28,6 +29,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +40,36 @@ CFLAGS = ["-O2", "-std=gnu11", "-fno-strict-aliasing", "-Wall", "-Wno-unused-fun
 
 class NativeUnavailable(RuntimeError):
     """A native module cannot be built or loaded here (the message says why, in one line)."""
+
+
+class Once:
+    """A native module a process loads at most once: `get()` returns what `loader` gave, or
+    raises NativeUnavailable with the reason the first attempt failed (no second attempt;
+    `on_failure` hears it once)."""
+
+    def __init__(self, loader: Callable[[], tuple[Any, Any]],
+                 on_failure: Callable[[NativeUnavailable], None] | None = None) -> None:
+        self._loader = loader
+        self._on_failure = on_failure
+        self._lock = threading.Lock()
+        self.loaded: tuple[Any, Any] | None = None
+        self.failed: NativeUnavailable | None = None
+
+    def get(self) -> tuple[Any, Any]:
+        if self.loaded is not None:
+            return self.loaded
+        with self._lock:
+            if self.loaded is None:
+                if self.failed is not None:
+                    raise self.failed
+                try:
+                    self.loaded = self._loader()
+                except NativeUnavailable as exc:
+                    self.failed = exc
+                    if self._on_failure is not None:
+                        self._on_failure(exc)
+                    raise
+            return self.loaded
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import threading
 from typing import Any
 
 from alacrity import native_build
@@ -35,32 +34,26 @@ class GuardUnavailable(NativeUnavailable):
     """The guard cannot be built, loaded or installed here (one line: why)."""
 
 
-_lock = threading.Lock()
-_loaded: tuple[Any, Any] | None = None
-_failed: str | None = None
+def _load() -> tuple[Any, Any]:
+    ffi, lib = native_build.load(SPEC)
+    err = lib.guard_install()
+    if err:
+        raise GuardUnavailable(f"sigaction(SIGBUS): {os.strerror(err)}")
+    return ffi, lib
+
+
+_guard = native_build.Once(_load)
 
 
 def load() -> tuple[Any, Any]:
     """(ffi, lib) of the guard, built, loaded and installed if need be. Raises GuardUnavailable
     (and remembers why: no second attempt)."""
-    global _loaded, _failed
-    if _loaded is not None:
-        return _loaded
-    with _lock:
-        if _loaded is not None:
-            return _loaded
-        if _failed is not None:
-            raise GuardUnavailable(_failed)
-        try:
-            ffi, lib = native_build.load(SPEC)
-            err = lib.guard_install()
-            if err:
-                raise GuardUnavailable(f"sigaction(SIGBUS): {os.strerror(err)}")
-        except NativeUnavailable as exc:
-            _failed = str(exc)
-            raise GuardUnavailable(_failed) from None
-        _loaded = ffi, lib
-        return _loaded
+    try:
+        return _guard.get()
+    except GuardUnavailable:
+        raise
+    except NativeUnavailable as exc:
+        raise GuardUnavailable(str(exc)) from None
 
 
 def install() -> bool:
@@ -77,20 +70,20 @@ def install() -> bool:
 
 def active() -> bool:
     """Is the guard installed, and still the handler that SIGBUS reaches?"""
-    return _loaded is not None and bool(_loaded[1].guard_active())
+    return _guard.loaded is not None and bool(_guard.loaded[1].guard_active())
 
 
 def total_faults() -> int:
     """Faults the guard repaired in this process."""
-    return _loaded[1].guard_total_faults() if _loaded is not None else 0
+    return _guard.loaded[1].guard_total_faults() if _guard.loaded is not None else 0
 
 
 def last_fault_address() -> int:
-    return _loaded[1].guard_last_address() if _loaded is not None else 0
+    return _guard.loaded[1].guard_last_address() if _guard.loaded is not None else 0
 
 
 def registrations() -> int:
-    return _loaded[1].guard_used() if _loaded is not None else 0
+    return _guard.loaded[1].guard_used() if _guard.loaded is not None else 0
 
 
 class GuardedMap(mmap.mmap):
