@@ -205,6 +205,52 @@ def test_a_destination_killed_mid_way_leaves_the_vm_running(lab):
     lab.wait_count("vm1", "tick", ticks + 5)
 
 
+#: `vm migrate` whose destination QEMU dies at the worst moment for the source: the whole VM
+#: sent, the source paused for good ("completed"), the destination holding it paused and
+#: about to be told to resume it. Killed from outside, as a crash would.
+DIES_BEFORE_RESUMING = """
+import sys
+from alacrity.cli.main import main
+from alacrity.vm import migrate
+from alacrity.vm.runtime import kill_group
+resume = migrate._resume
+
+def die_first(dest):
+    kill_group(dest.record)
+    dest.proc.wait()
+    resume(dest)
+
+migrate._resume = die_first
+sys.exit(main(["vm", "migrate", "vm1"]))
+"""
+
+
+def test_a_destination_that_dies_before_it_resumes_the_vm_leaves_it_running_where_it_was(lab):
+    """The source has completed (paused, its state sent): it is resumed, since the guest
+    never ran in the destination (held by -S until it is told)."""
+    lab.daemon.sh("mkdir $A/buses/a")
+    lab.start("vm1", "a", TICKER)
+    source_pid = lab.record("vm1")["pid"]
+    qemus = qemu_processes()
+    out = subprocess.run([sys.executable, "-c", DIES_BEFORE_RESUMING], env=lab.daemon.env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    said = "went away before it was told to resume the VM; the VM runs on where it was"
+    assert said in out.stderr, out.stderr
+    assert lab.record("vm1")["pid"] == source_pid
+    assert lab.qmp("vm1", "query-status")["status"] == "running"
+    ticks = int(lab.wait_console("vm1", r"tick (\d+)").group(1))
+    lab.wait_count("vm1", "tick", ticks + 5)
+    deadline = time.monotonic() + 10  # a killed QEMU takes a moment to give back its memory
+    while qemu_processes() != qemus and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert qemu_processes() == qemus
+    assert not list(Path(lab.record("vm1")["dir"]).glob("m*"))
+    out = lab.cli("vm", "migrate", "vm1")  # and it can still move
+    assert out.returncode == 0, out.stderr
+    lab.wait_count("vm1", "tick", ticks + 10)
+
+
 def incoming(side: Lab, common: list[str], where: str, netns: str) -> tuple[subprocess.Popen, str]:
     """`vm run --incoming` on `side`, in network namespace `netns`, once it listens, and the
     token it printed."""

@@ -6,10 +6,14 @@ bus) with `-incoming defer`: it connects to the bus's devices at once, and the d
 in as their next writer (devices/blk.py). The migration stream runs over a socket pair
 whose ends go to the two QEMUs through QMP `getfd`: their jails share no path and no
 network. The devices log what they write into guest memory while it runs
-(vhost_user/dirty_log.py), so QEMU resends those pages. Once the source reports
-"completed" (paused, its state sent) it is told to quit and the VM's record names the
-destination. A migration that fails or is cancelled (`cancel`) leaves the source running,
-with logging off (QEMU resumes it), and the destination killed.
+(vhost_user/dirty_log.py), so QEMU resends those pages. The destination holds the VM
+paused once it has loaded it (`-S`): only when the source reports "completed" (paused, its
+state sent) and the destination holds the VM is the destination told to resume it; then
+the source is told to quit and the VM's record names the destination. So the VM never runs
+in both: a migration that fails or is cancelled (`cancel`), or a destination that dies
+before it resumed the VM, leaves the source running, with logging off, and the destination
+killed. Only a destination that dies while it is told to resume leaves the source paused,
+as the VM may have run there.
 
 Across hosts the stream is a TCP connection made by the two CLIs (a jailed QEMU has no
 network) and handed to each QEMU the same way; the destination's daemon must have a bus of
@@ -27,6 +31,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,11 @@ from .qemu import VM, VmSpec, chardev_sockets, spec_from_fields
 from .qmp import QmpClient, QmpError
 from .runtime import VmError, VmRecord, find_vm, is_alive, kill_group, write_record
 
-POLL_S = 0.25
+#: How often the source is asked for its progress (and shows it).
+PROGRESS_S = 0.25
+#: How often the destination is asked whether it holds the VM: the guest, paused, waits
+#: for this at the switch-over.
+POLL_S = 0.005
 DESTINATION_READY_S = 60.0
 #: Across hosts the CLIs first compare the VMs' devices, so that a destination without one
 #: is refused before anything stops: one line each way, then QEMU's stream.
@@ -120,24 +129,92 @@ def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s
         dest.start()
         _wait_incoming(dest)
         ours, theirs = socket.socketpair()
-        with ours, theirs:
-            _qmp(str(dest.qmp_path), "getfd", {"fdname": "migration"}, [theirs.fileno()])
-            _qmp(str(dest.qmp_path), "migrate-incoming", {"uri": "fd:migration"})
+        with ours, theirs, watch_incoming(dest.qmp_path) as watch:
+            watch.execute("getfd", {"fdname": "migration"}, [theirs.fileno()])
+            watch.execute("migrate-incoming", {"uri": "fd:migration"})
             if max_downtime_s is not None:
                 _qmp(source.qmp, "migrate-set-parameters", {"downtime-limit": int(max_downtime_s * 1000)})
             _qmp(source.qmp, "getfd", {"fdname": "migration"}, [ours.fileno()])
             _qmp(source.qmp, "migrate", {"uri": "fd:migration"})
-        _follow(source, dest, on_progress, time.monotonic() + timeout_s)
+            ours.close()
+            theirs.close()
+            follow(source.qmp, watch, partial(_check_alive, dest), on_progress,
+                   time.monotonic() + timeout_s)
     except BaseException as exc:
-        with contextlib.suppress(OSError, QmpError, TimeoutError):
-            _qmp(source.qmp, "migrate_cancel")
         dest.kill()
         shutil.rmtree(dest.run_dir, ignore_errors=True)
-        if isinstance(exc, (QmpError, OSError, TimeoutError)):
-            raise MigrationError(f"migration of {name!r} failed, the VM runs on where it was: {exc}") \
-                from None
+        resumed = _resume_source(source)
+        if isinstance(exc, (QmpError, OSError, TimeoutError, MigrationError)):
+            where = "the VM runs on where it was" if resumed else _not_resumed(source)
+            raise MigrationError(f"migration of {name!r} did not complete: {_reason(exc)}; {where}") from None
         raise
+    try:
+        _resume(dest)
+    except MigrationError as exc:  # the VM surely did not run there
+        diagnostics = dest._diagnostics()
+        dest.kill()
+        shutil.rmtree(dest.run_dir, ignore_errors=True)
+        where = "the VM runs on where it was" if _resume_source(source) else _not_resumed(source)
+        raise MigrationError(f"migration of {name!r} did not complete: {exc}; {where}{diagnostics}") from None
+    except (OSError, TimeoutError) as exc:
+        diagnostics = dest._diagnostics()
+        dest.kill()
+        shutil.rmtree(dest.run_dir, ignore_errors=True)
+        raise MigrationError(
+            f"migration of {name!r} failed: the destination QEMU was told to resume the VM and did not "
+            f"answer ({_reason(exc)}); the VM may have run there, so the source QEMU holds it paused as it "
+            f"was at the switch-over, and is not resumed: 'alacrity vm stop {name}' ends it{diagnostics}") \
+            from None
     return _promote(source, dest)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (ConnectionError, FileNotFoundError)):
+        return "its QEMU went away"
+    return str(exc)
+
+
+def _resume(dest: VM) -> None:
+    """The destination runs the VM from here on. MigrationError if it surely does not (it
+    went away before it was told, or refused); OSError or TimeoutError if it may."""
+    qmp = QmpClient(str(dest.qmp_path), timeout=10.0)
+    try:
+        qmp.connect()
+    except (OSError, QmpError, TimeoutError):
+        qmp.close()
+        raise MigrationError("the destination QEMU went away before it was told to resume the VM") from None
+    with qmp:
+        try:
+            qmp.execute("cont")
+        except QmpError as exc:
+            raise MigrationError(f"the destination QEMU did not resume the VM: {exc}") from None
+
+
+def _resume_source(source: VmRecord, *, resume_completed: bool = True) -> bool:
+    """After a failed migration: the source runs the VM again. A source that is still
+    migrating is cancelled (QEMU resumes it); one that completed, paused with its state sent,
+    is resumed if `resume_completed` (no destination can be running it); False if it cannot be."""
+    try:
+        with QmpClient(source.qmp, timeout=10.0) as qmp:
+            if qmp.execute("query-migrate").get("status") in ("setup", "active", "pre-switchover", "device"):
+                qmp.execute("migrate_cancel")
+            deadline = time.monotonic() + DESTINATION_READY_S
+            while True:
+                status = qmp.execute("query-status").get("status")
+                if status == "running":
+                    return True
+                if status == "postmigrate" and resume_completed:
+                    qmp.execute("cont")
+                elif time.monotonic() > deadline:
+                    return False
+                time.sleep(POLL_S)
+    except (QmpError, OSError, TimeoutError):
+        return False
+
+
+def _not_resumed(source: VmRecord) -> str:
+    return (f"the source QEMU did not resume the VM either; see 'alacrity vm list' and "
+            f"'alacrity vm stop {source.name}'")
 
 
 def _migrate_away(source: VmRecord, to: str, token: str, max_downtime_s: float | None,
@@ -163,13 +240,14 @@ def _migrate_away(source: VmRecord, to: str, token: str, max_downtime_s: float |
                 _qmp(source.qmp, "migrate-set-parameters", {"downtime-limit": int(max_downtime_s * 1000)})
             _qmp(source.qmp, "getfd", {"fdname": "migration"}, [stream.fileno()])
             _qmp(source.qmp, "migrate", {"uri": "fd:migration"})
-        _follow(source, None, on_progress, deadline)
+        follow(source.qmp, None, None, on_progress, deadline)
     except BaseException as exc:
-        with contextlib.suppress(OSError, QmpError, TimeoutError):
-            _qmp(source.qmp, "migrate_cancel")
-        if isinstance(exc, (QmpError, OSError, TimeoutError)):
-            raise MigrationError(f"migration of {source.name!r} to {to} failed, the VM runs on here: "
-                                 f"{exc}") from None
+        # Not a source that completed: the destination may run the VM already.
+        resumed = _resume_source(source, resume_completed=False)
+        if isinstance(exc, (QmpError, OSError, TimeoutError, MigrationError)):
+            where = "the VM runs on here" if resumed else _not_resumed(source)
+            raise MigrationError(f"migration of {source.name!r} to {to} did not complete: {_reason(exc)}; "
+                                 f"{where}") from None
         raise
     _retire(source)
     shutil.rmtree(source.dir, ignore_errors=True)
@@ -207,22 +285,22 @@ def receive(vm: VM, listen: str, token: str, on_progress: Callable[[str], None] 
             stream, peer = listener.accept()
         except TimeoutError:
             raise MigrationError(f"no migration arrived on {listen} in {wait_s:g} s") from None
-    with stream:
-        _check_hello(stream, vm, token)
-        _qmp(str(vm.qmp_path), "getfd", {"fdname": "migration"}, [stream.fileno()])
-        _qmp(str(vm.qmp_path), "migrate-incoming", {"uri": "fd:migration"})
-    if on_progress is not None:
-        on_progress(f"receiving from {peer[0]}")
-    while True:
-        status = _qmp(str(vm.qmp_path), "query-status").get("status")
-        if status == "running":
-            return
-        if vm.proc is None or vm.proc.poll() is not None:
-            raise MigrationError(f"the migration failed: QEMU exited{vm._diagnostics()}")
-        incoming = _qmp(str(vm.qmp_path), "query-migrate")
-        if incoming.get("status") == "failed":
-            raise MigrationError(f"the migration failed: {incoming.get('error-desc', 'no reason given')}")
-        time.sleep(POLL_S)
+    try:
+        with stream, watch_incoming(vm.qmp_path) as watch:
+            _check_hello(stream, vm, token)
+            watch.execute("getfd", {"fdname": "migration"}, [stream.fileno()])
+            watch.execute("migrate-incoming", {"uri": "fd:migration"})
+            stream.close()
+            if on_progress is not None:
+                on_progress(f"receiving from {peer[0]}")
+            while (incoming := _incoming(watch, PROGRESS_S)) != "completed":
+                if incoming == "failed":  # QEMU exits, too
+                    raise MigrationError(f"the migration failed{vm._diagnostics()}")
+                if vm.proc is None or vm.proc.poll() is not None:
+                    raise MigrationError(f"the migration failed: QEMU exited{vm._diagnostics()}")
+            watch.execute("cont")  # it was held paused (-S) once it had the whole VM
+    except (QmpError, OSError, TimeoutError) as exc:
+        raise MigrationError(f"the migration failed: {_reason(exc)}{vm._diagnostics()}") from None
 
 
 def _check_hello(stream: socket.socket, vm: VM, token: str) -> None:
@@ -268,32 +346,86 @@ def _wait_incoming(dest: VM) -> None:
         time.sleep(0.1)
 
 
-def _follow(source: VmRecord, dest: VM | None, on_progress: Callable[[dict], None] | None,
-            deadline: float) -> None:
-    """Until the source says completed; MigrationError if it fails, is cancelled, or the
-    destination dies."""
+def follow(source_qmp: str, watch: QmpClient | None, check_dest: Callable[[], None] | None,
+           on_progress: Callable[[dict], None] | None, deadline: float) -> None:
+    """Until the source (QMP socket `source_qmp`) says completed and the destination, if
+    `watch` (from `watch_incoming`) is given, holds the whole VM, paused; then the caller
+    tells it to run (`cont`). MigrationError if the migration fails or is cancelled;
+    `check_dest` raises if the destination died.
+
+    The source is asked every PROGRESS_S, on a connection of its own each time: QEMU's QMP
+    socket serves one client at a time, and `vm migrate --cancel` or `vm stop` must get
+    in. The destination is ours alone (no record names it yet): its MIGRATION events come
+    on `watch`, held open, and the guest, paused, waits for nothing else."""
+    asked, loaded = 0.0, False
     while True:
-        info = _qmp(source.qmp, "query-migrate")
-        status = info.get("status", "")
-        if on_progress is not None:
-            on_progress(info)
-        if status == "completed":
-            break
-        if status in ("failed", "cancelled"):  # "cancelling" is on its way to "cancelled"
-            why = info.get("error-desc") or status
-            raise MigrationError(f"migration of {source.name!r} {status}: {why}; the VM runs on where it was")
-        if dest is not None and (dest.proc is None or dest.proc.poll() is not None):
-            raise MigrationError(f"the destination QEMU died during the migration{dest._diagnostics()}")
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if loaded or now - asked >= PROGRESS_S:
+            asked = now
+            info = _qmp(source_qmp, "query-migrate")
+            status = info.get("status", "")
+            if on_progress is not None:
+                on_progress(info)
+            if status == "completed" and (watch is None or loaded):
+                return
+            if status in ("failed", "cancelled"):  # "cancelling" is on its way to "cancelled"
+                why = info.get("error-desc")
+                raise MigrationError(f"QEMU reports the migration {status}"
+                                     + (f" ({why})" if why else ""))
+        if check_dest is not None:
+            check_dest()
+        if now > deadline:
             raise TimeoutError("the migration did not complete in time")
-        time.sleep(POLL_S)
-    if dest is None:
-        return
-    end = time.monotonic() + DESTINATION_READY_S
-    while _qmp(str(dest.qmp_path), "query-status").get("status") != "running":
-        if time.monotonic() > end or dest.proc is None or dest.proc.poll() is not None:
-            raise MigrationError("the destination did not resume the VM after the migration")
-        time.sleep(0.05)
+        if watch is None:
+            time.sleep(PROGRESS_S)
+        elif loaded:
+            time.sleep(POLL_S)  # the source marks itself completed a moment after
+        elif (incoming := _incoming(watch, PROGRESS_S)) == "completed":
+            loaded = True
+        elif incoming == "failed":
+            # Most often the source stopped sending (cancelled, failed): its reason is the one
+            # to give, once it has noticed.
+            _source_failure(source_qmp, time.monotonic() + 2.0)
+            raise MigrationError("the destination QEMU could not load the VM")
+
+
+def watch_incoming(qmp_path: str | Path) -> QmpClient:
+    """A connection to an incoming QEMU (started `-incoming defer -S`) that hears its
+    MIGRATION events: give it `migrate-incoming` on this connection."""
+    qmp = QmpClient(str(qmp_path), timeout=10.0).connect()
+    try:
+        qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+    except BaseException:
+        qmp.close()
+        raise
+    return qmp
+
+
+def _check_alive(dest: VM) -> None:
+    if dest.proc is None or dest.proc.poll() is not None:
+        raise MigrationError(f"the destination QEMU died during the migration{dest._diagnostics()}")
+
+
+def _incoming(watch: QmpClient, timeout: float) -> str | None:
+    """The incoming QEMU's migration status if it said, within `timeout` s, that it
+    completed (it holds the whole VM, paused by -S) or failed; else None."""
+    event = watch.next_event(timeout)
+    if event is None or event.get("event") != "MIGRATION":
+        return None
+    status = event.get("data", {}).get("status")
+    return status if status in ("completed", "failed") else None
+
+
+def _source_failure(source_qmp: str, deadline: float) -> None:
+    """MigrationError with the source's reason, if it reports one by `deadline`."""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, QmpError, TimeoutError):
+            info = _qmp(source_qmp, "query-migrate")
+            status = info.get("status")
+            if status in ("failed", "cancelled"):
+                why = info.get("error-desc")
+                raise MigrationError(f"QEMU reports the migration {status}" + (f" ({why})" if why else ""))
+        time.sleep(PROGRESS_S / 5)
 
 
 def _promote(source: VmRecord, dest: VM) -> VmRecord:

@@ -140,7 +140,9 @@ def build_command(spec: VmSpec, run_dir: Path, accel: AccelChoice) -> list[str]:
         "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
     ]
     if spec.incoming:
-        args += ["-incoming", "defer"]
+        # -S: the destination holds the VM paused once it has it; the migration resumes it
+        # (vm/migrate.py), and only after that may the source be gone.
+        args += ["-incoming", "defer", "-S"]
     for g in m.globals_:
         args += ["-global", g]
     serial = serial_chardev(spec.devices)

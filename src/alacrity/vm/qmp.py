@@ -56,6 +56,18 @@ class QmpClient:
             if "return" in reply:
                 return reply["return"]
 
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """The next asynchronous event QEMU sent, or None if none comes in `timeout` s."""
+        if self.events:
+            return self.events.pop(0)
+        while True:
+            try:
+                msg = self._read(time.monotonic() + timeout)
+            except TimeoutError:
+                return None
+            if "event" in msg:
+                return msg
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
