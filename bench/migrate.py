@@ -11,23 +11,25 @@ its new QEMU, and stops it. Kinds rotate within each run; each run does idle, th
 - ours: a private alacrityd, a bus with a blk device on a 64 MiB image file and a switch
   whose uplink is a tap with a host address; `alacrity vm run --detach --ip ...` (jailed,
   as it runs by default), then `alacrity vm migrate NAME` (the CLI: a new jailed QEMU with
-  `-incoming defer`, a socket pair handed to both through QMP getfd, `migrate fd:`),
+  `-incoming defer -S`, a socket pair handed to both through QMP getfd, `migrate fd:`),
   whose stderr line off a terminal gives QEMU's final figures ("downtime X ms, total Y ms").
-- built-in: QEMU started directly (unjailed) with the same command line as `vm run` builds
-  (vm/qemu.py build_command: microvm, memory-backend-memfd, the same kernel, initrd and
-  kernel command line), with `-drive file=IMG,format=raw,cache=writeback` on
-  virtio-blk-device (buffered with a flush on fsync, as our blk device) and `-netdev tap`
-  on virtio-net-device (vhost=off: no /dev/vhost-net here). The bench migrates it with the
-  steps of vm/migrate.py: a second QEMU with the same arguments and `-incoming defer`, a
-  socket pair through getfd, `migrate-incoming fd:` and `migrate fd:`, query-migrate every
-  0.25 s until completed, then `quit` to the source; the figures are the source's last
-  query-migrate. Both QEMUs open the same image (QEMU hands its lock over at the end of the
-  migration). The network is what libvirt does on one host: a tap per QEMU (the source's
-  and the destination's) on a Linux bridge that holds the host address; the guest's
-  announcement after the migration moves its MAC in the bridge. One tap cannot serve both
-  QEMUs: by name the destination's open fails (EBUSY) while the source holds it, and one
-  open file handed to both breaks the source's traffic from the moment the destination
-  starts (it resets the tap's vnet header size to its own until the guest's state arrives).
+- built-in: QEMU started directly (unjailed) with the same command line as `vm run`
+  builds (vm/qemu.py build_command: microvm, memory-backend-memfd, the same kernel,
+  initrd and kernel command line), with `-drive file=IMG,format=raw,cache=writeback` on
+  virtio-blk-device (buffered with a flush on fsync, as our blk device) and `-netdev
+  tap` on virtio-net-device (vhost=off: no /dev/vhost-net here). The bench migrates it
+  with the steps of vm/migrate.py (its `follow`): a second QEMU with the same arguments
+  and `-incoming defer -S`, a socket pair through getfd, `migrate-incoming fd:` and
+  `migrate fd:`, the source's query-migrate every 0.25 s and the destination's MIGRATION
+  events until both are done, `cont` to the destination, then `quit` to the source; the
+  figures are the source's last query-migrate. Both QEMUs open the same image (QEMU
+  hands its lock over at the end of the migration). The network is what libvirt does on
+  one host: a tap per QEMU (the source's and the destination's) on a Linux bridge that
+  holds the host address; the guest's announcement after the migration moves its MAC in
+  the bridge. One tap cannot serve both QEMUs: by name the destination's open fails
+  (EBUSY) while the source holds it, and one open file handed to both breaks the
+  source's traffic from the moment the destination starts (it resets the tap's vnet
+  header size to its own until the guest's state arrives).
 - load: the guest's boot command starts `iperf3 -s -D` and loops writing 4 KiB blocks with
   `dd conv=notrunc,fsync` to /dev/vda (tests/test_migrate.py's writer), and the host runs
   `iperf3 -c GUEST -b 20M` to it (over our switch's uplink, or over the bridge) from before
@@ -82,7 +84,6 @@ BUILTIN_MAC = "52:54:00:4d:49:47"
 KINDS = ("ours", "builtin")
 LOADS = ("idle", "load")
 IMAGE_MIB = 64
-POLL_S = 0.25  # as vm/migrate.py polls query-migrate
 #: The guest's boot commands. The writer is tests/test_migrate.py's, made endless (it wraps
 #: around the first 16000 blocks of the 64 MiB disk).
 GUEST_CMD = {
@@ -525,27 +526,22 @@ class Builtin:
                         return False
 
                 wait_for("the destination QEMU", inmigrate, 60)
+                from alacrity.vm.migrate import MigrationError, follow, watch_incoming
+
                 ours, theirs = socket.socketpair()
-                with ours, theirs:
-                    qmp(dst_dir / "qmp.sock", "getfd", {"fdname": "migration"}, [theirs.fileno()])
-                    qmp(dst_dir / "qmp.sock", "migrate-incoming", {"uri": "fd:migration"})
+                last: dict = {}
+                with ours, theirs, watch_incoming(dst_dir / "qmp.sock") as watch:
+                    watch.execute("getfd", {"fdname": "migration"}, [theirs.fileno()])
+                    watch.execute("migrate-incoming", {"uri": "fd:migration"})
                     qmp(src_dir / "qmp.sock", "getfd", {"fdname": "migration"}, [ours.fileno()])
                     qmp(src_dir / "qmp.sock", "migrate", {"uri": "fd:migration"})
-                deadline = time.monotonic() + 900
-                while True:
-                    info = qmp(src_dir / "qmp.sock", "query-migrate")
-                    status = info.get("status")
-                    if status == "completed":
-                        break
-                    if status in ("failed", "cancelled", "cancelling"):
-                        raise SampleError(f"migration {status}: {info.get('error-desc', '')}")
-                    alive(dst, dst_dir)
-                    if time.monotonic() > deadline:
-                        raise SampleError("the migration did not complete in 900 s")
-                    time.sleep(POLL_S)
-                wait_for("the destination to run the guest",
-                         lambda: qmp(dst_dir / "qmp.sock", "query-status").get("status") == "running", 60,
-                         every=0.05)
+                    try:
+                        follow(str(src_dir / "qmp.sock"), watch, lambda: alive(dst, dst_dir), last.update,
+                               time.monotonic() + 900)
+                    except (MigrationError, TimeoutError) as exc:
+                        raise SampleError(f"migration: {exc}") from None
+                    watch.execute("cont")  # held paused (-S) until the source completed, as vm migrate does
+                info = last
                 self.quit(src, src_dir)
                 wall = time.monotonic() - started
                 ended = time.time()
