@@ -22,3 +22,11 @@ int dirty_log_set(uint8_t *log, uint64_t size, const uint64_t *pages, uint64_t c
     }
     return 0;
 }
+
+int dirty_log_set_one(uint8_t *log, uint64_t size, uint64_t page)
+{
+    if (page >> 3 >= size)
+        return -1;
+    __atomic_fetch_or(log + (page >> 3), (uint8_t)(1u << (page & 7)), __ATOMIC_SEQ_CST);
+    return 0;
+}

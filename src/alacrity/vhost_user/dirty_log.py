@@ -154,7 +154,10 @@ class DirtyLog:
     def _set(self, pages: list[int]) -> None:
         """Set the bits of `pages` (in the log), each with an atomic OR."""
         if self._lib is not None:
-            if self._lib.dirty_log_set(self._base, self.size, pages, len(pages)):
+            if len(pages) == 1:
+                if self._lib.dirty_log_set_one(self._base, self.size, pages[0]):
+                    raise QueueError("a page beyond the dirty log")  # (never: mark checked it)
+            elif self._lib.dirty_log_set(self._base, self.size, pages, len(pages)):
                 raise QueueError("a page beyond the dirty log")  # (never: mark checked them)
             return
         for page in dict.fromkeys(pages):  # a page found clear twice (two ranges on it): one call

@@ -55,10 +55,12 @@ class PageLog(Protocol):
 
 class Logging(NamedTuple):
     """A queue's dirty logging: buffers into `log`, and the used ring too, as the guest-physical
-    range at `used_gpa`, unless that is None."""
+    range at `used_gpa`, unless that is None. `used_page`: a range naming the used ring's one
+    page, when it lies in one (then a push marks it once for both the element and the index)."""
 
     log: PageLog
     used_gpa: int | None
+    used_page: tuple[int, int] | None = None
 
 
 def _intact() -> bool:
@@ -128,7 +130,9 @@ class DeviceQueue:
             return
         if used_gpa is not None and not log.covers(used_gpa, used_ring_size(self.size)):
             raise QueueError(f"the dirty log does not cover the used ring, logged at {used_gpa:#x}")
-        self.logging = Logging(log, used_gpa)
+        one_page = (used_gpa is not None  # in the log's 4 KiB pages
+                    and used_gpa >> 12 == (used_gpa + used_ring_size(self.size) - 1) >> 12)
+        self.logging = Logging(log, used_gpa, (used_gpa, 1) if one_page else None)
 
     # -- driver -> device
     def avail_idx(self) -> int:
@@ -228,11 +232,12 @@ class DeviceQueue:
                 written -= length
                 if written <= 0:
                     break
-        used = logging.used_gpa
-        if used is not None:
-            ranges.append((used + 4 + 8 * slot, 8))
+        if logging.used_page is not None:
+            ranges.append(logging.used_page)
+        elif logging.used_gpa is not None:
+            ranges.append((logging.used_gpa + 4 + 8 * slot, 8))
             if publish:
-                ranges.append((used + 2, 2))
+                ranges.append((logging.used_gpa + 2, 2))
         logging.log.mark(ranges)
 
     def _log_used(self, offset: int, length: int) -> None:
