@@ -245,3 +245,54 @@ def cpu_seconds(pid: int) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; field 3 is fields[0]
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spread(values: list[float | None]) -> tuple[float, float, float] | None:
+    """(median, min, max) of the values that are numbers (None and NaN left out); None if none are."""
+    vals = [v for v in values if v is not None and v == v]
+    if not vals:
+        return None
+    return statistics.median(vals), min(vals), max(vals)
+
+
+def fmt_spread(values: list[float | None], digits: int = 2, suffix: str = "") -> str:
+    """`median [min–max]` of the values, each with `digits` decimals (the median alone if
+    there is one value; "-" if there are none)."""
+    s = spread(values)
+    if s is None:
+        return "-"
+    m, lo, hi = (f"{v:.{digits}f}" for v in s)
+    one = sum(1 for v in values if v is not None and v == v) == 1
+    return f"{m}{suffix}" if one else f"{m}{suffix} [{lo}–{hi}]"
+
+
+#: The columns of a cpuN line of /proc/stat, in order (all in USER_HZ ticks).
+PROC_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal", "guest",
+                    "guest_nice")
+
+
+def cpu_times() -> dict[str, dict[str, float]]:
+    """Per-CPU time from /proc/stat in seconds: {"cpu0": {"user": s, "system": s, ...}, ...}
+    ("cpu", the sum over all CPUs, included)."""
+    tck = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        if not line.startswith("cpu"):
+            continue
+        name, *ticks = line.split()
+        out[name] = {f: int(t) / tck for f, t in zip(PROC_STAT_FIELDS, ticks, strict=False)}
+    return out
+
+
+def cpu_times_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+                    ) -> dict[str, dict[str, float]]:
+    """after - before, per CPU and field, with `busy` (everything but idle and iowait) added."""
+    out = {}
+    for cpu, fields in after.items():
+        if cpu not in before:
+            continue
+        d = {f: v - before[cpu].get(f, 0.0) for f, v in fields.items()}
+        # guest and guest_nice are already counted in user and nice.
+        d["busy"] = sum(v for f, v in d.items() if f not in ("idle", "iowait", "guest", "guest_nice"))
+        out[cpu] = d
+    return out

@@ -52,7 +52,6 @@ import os
 import random
 import select
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -460,27 +459,14 @@ def switch_classes():
             self.all_proxies: list[LogProxy] = []
             super().start()
 
-        def _hand_over(self) -> None:
-            while not self.stopping.is_set():
-                try:
-                    ready, _, _ = select.select(self.listeners, [], [], 0.2)
-                except (OSError, ValueError):
-                    return
-                for sock in ready:
-                    i = self.listeners.index(sock)
-                    try:
-                        conn, _ = sock.accept()
-                        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                        pid = struct.unpack("3i", cred)[0]
-                        near, far = socket.socketpair()
-                        with far:
-                            self.ctl.add_port(far.fileno(), mac=sp.MACS[i], label=f"gen{i}", peer_pid=pid)
-                        proxy = LogProxy(conn, near, f"port{i}")
-                        self.proxies[i] = proxy
-                        self.all_proxies.append(proxy)
-                    except Exception as exc:
-                        self.errors.append(f"hand-over of port {i}: {exc}")
-                        progress(f"ours: hand-over of port {i} failed: {exc}")
+        def _add_port(self, i: int, conn: socket.socket, pid: int) -> None:
+            """The switch gets the far end of a proxy between it and the source (LogProxy)."""
+            near, far = socket.socketpair()
+            with far:
+                self.ctl.add_port(far.fileno(), mac=sp.MACS[i], label=f"gen{i}", peer_pid=pid)
+            proxy = LogProxy(conn, near, f"port{i}")
+            self.proxies[i] = proxy
+            self.all_proxies.append(proxy)
 
         def stop(self) -> None:
             super().stop()

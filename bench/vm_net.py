@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from alacrity import ids  # noqa: E402
 from alacrity.devices import Slot  # noqa: E402
 from alacrity.devices.switch import SwitchDevice  # noqa: E402
+from alacrity.switch.coalesce import COALESCE_US  # noqa: E402
 from alacrity.switch.launcher import SwitchProcess  # noqa: E402
 from alacrity.virtio.net import local_mac  # noqa: E402
 from alacrity.vm.image import default_image  # noqa: E402
@@ -188,9 +189,11 @@ def run_pair(c: Cleanup, tag: str, nets: list[list[str]], image, seconds: int, p
 class SwitchRig:
     """Our switch process, fed every connection made to its per-VM sockets."""
 
-    def __init__(self, c: Cleanup, poll_us: float | None = None, adaptive_poll: bool | None = None) -> None:
+    def __init__(self, c: Cleanup, poll_us: float | None = None, adaptive_poll: bool | None = None,
+                 coalesce_us: float = COALESCE_US) -> None:
         with open(c.root / "switch.log", "ab") as log:
-            self.switch = SwitchProcess("bench", log_file=log, poll_us=poll_us, adaptive_poll=adaptive_poll)
+            self.switch = SwitchProcess("bench", log_file=log, poll_us=poll_us, adaptive_poll=adaptive_poll,
+                                        coalesce_us=coalesce_us)
         self.ctl = self.switch.control
         self.listeners = []
         self.stopping = False
@@ -282,12 +285,17 @@ def main() -> int:
     parser.add_argument("--also-poll-us", type=float, default=None,
                         help="also run a second switch with this fixed spin (no adaptation), "
                              "alternating with the others: the polling policy side by side")
+    parser.add_argument("--also-coalesce-us", type=float, action="append", default=[],
+                        help="also run a switch that holds interrupts up to this long (coalescing; "
+                             "repeat for several), alternating with the others")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("run as root (taps and a bridge are made for the baseline)")
     image = default_image(progress=False)
     spin = f"ours-spin{args.also_poll_us:g}" if args.also_poll_us is not None else None
-    kinds = ["ours", "bridge"] + ([spin] if spin else []) + (["ours-jailed"] if args.jailed else [])
+    held = {f"ours-coalesce{us:g}": us for us in args.also_coalesce_us}
+    kinds = (["ours", "bridge"] + ([spin] if spin else []) + list(held)
+             + (["ours-jailed"] if args.jailed else []))
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     with Cleanup(prefix="alacrity-vmnet-") as c:
         tag = str(os.getpid() % 10000)
@@ -297,8 +305,11 @@ def main() -> int:
             if kind in ("bridge", "ours-jailed"):  # the jailed pair uses our switch too
                 continue
             # `spin`: a second switch with a fixed spin, for a side-by-side look at the polling policy
-            rig = rigs[kind] = (SwitchRig(c, args.poll_us, args.adaptive_poll) if kind == "ours"
-                                else SwitchRig(c, args.also_poll_us, False))
+            if kind == spin:
+                rig = SwitchRig(c, args.also_poll_us, False)
+            else:
+                rig = SwitchRig(c, args.poll_us, args.adaptive_poll, held.get(kind, COALESCE_US))
+            rigs[kind] = rig
             c.callbacks.append(rig.close)
             sockets = c.root / f"{kind}-sockets"  # bound into the jails: traversable, nothing else
             sockets.mkdir(mode=0o711)

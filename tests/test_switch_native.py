@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from alacrity.switch import engines as engine_module
 from alacrity.switch import native
+from alacrity.switch.coalesce import Bounds
 from alacrity.switch.engine import Engine
 from alacrity.switch.engines import make_engine
 from alacrity.switch.fdb import Fdb
@@ -330,9 +331,12 @@ EVIL_RX = ["avail-jump", "addr", "head", "loop"]
 
 
 class World:
-    def __init__(self, kind: type[Engine], configs: list[str], batch: int, max_entries: int) -> None:
+    def __init__(self, kind: type[Engine], configs: list[str], batch: int, max_entries: int,
+                 coalesce: Bounds | None = None) -> None:
         self.clock = Clock()
         self.engine = kind(Fdb(ageing_s=10, max_entries=max_entries), batch=batch, clock=self.clock)
+        if coalesce is not None:
+            self.engine.coalescer.bounds = coalesce
         self.hosts: list[Host] = []
         for i, name in enumerate(configs):
             cfg = dict(CONFIGS[name])
@@ -361,6 +365,8 @@ class World:
             "signals": [h.signals for h in self.hosts],
             "engine": (e.floods, e.batches, e.completed, e.segmented, list(e.ports), self.broken),
             "fdb": (list(e.fdb.table.items()), e.fdb.moves, e.fdb.evictions),
+            "coalescing": (e.coalescer.held(), e.coalescer.held_total, e.coalescer.saved,
+                           e.coalescer.useless),
         }
 
 
@@ -640,14 +646,17 @@ LOG = st.tuples(st.just("log"), HOST,
 REAP = st.tuples(st.just("reap"), st.integers(0, 3), st.integers(0, 16), st.sampled_from(RX_SHAPES))
 OPS = st.lists(st.one_of(
     GOOD_SEND, GOOD_SEND, GOOD_SEND, ANY_SEND, ANY_SEND, BURST, POLL, POLL, POLL, REAP, REAP,
-    st.tuples(st.just("tick"), st.sampled_from([0.5, 3.0, 11.0])),
+    st.tuples(st.just("tick"), st.sampled_from([0.5, 3.0, 11.0, 40e-6, 150e-6])),
     st.tuples(st.just("notify"), st.integers(0, 3)),
     st.tuples(st.just("evil-tx"), st.integers(0, 3), st.sampled_from(EVIL_TX)),
     st.tuples(st.just("evil-rx"), st.integers(0, 3), st.sampled_from(EVIL_RX)),
     LOG,
 ), min_size=5, max_size=60)
 NICE_OPS = st.lists(st.one_of(GOOD_SEND, GOOD_SEND, BURST, POLL, POLL, REAP, LOG,
-                              st.tuples(st.just("tick"), st.just(3.0))), min_size=5, max_size=60)
+                              st.tuples(st.just("tick"), st.sampled_from([3.0, 60e-6]))),
+                    min_size=5, max_size=60)
+#: Coalescing as the differential test runs it: short bounds, so that ticks cross them.
+COALESCING = Bounds(delay_us=100, frames=3, quiet_us=1000)
 
 
 TSO_CONFIGS = ["tso", "tso", "tso", "tso-ecn", "tso-ecn", "tso4-rx", "tso-no-mrg", "tso-legacy", "ufo",
@@ -689,10 +698,10 @@ def assert_same(py: World, nat: World, step: int, op: tuple) -> None:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(configs=st.lists(st.sampled_from(sorted(CONFIGS)), min_size=2, max_size=4),
        batch=st.sampled_from([64, 64, 3]), max_entries=st.sampled_from([4096, 2]),
-       ops=st.one_of(OPS, NICE_OPS))
-def test_native_engine_matches_the_python_engine(configs, batch, max_entries, ops):
-    py = World(Engine, configs, batch, max_entries)
-    nat = World(NativeEngine, configs, batch, max_entries)
+       ops=st.one_of(OPS, NICE_OPS), coalesce=st.sampled_from([None, None, COALESCING]))
+def test_native_engine_matches_the_python_engine(configs, batch, max_entries, ops, coalesce):
+    py = World(Engine, configs, batch, max_entries, coalesce)
+    nat = World(NativeEngine, configs, batch, max_entries, coalesce)
     assert_same(py, nat, 0, ("start",))
     for step, op in enumerate([*ops, ("poll",)], 1):
         assert apply(py, op) == apply(nat, op), f"step {step} {op}: results differ"
@@ -704,6 +713,7 @@ def test_native_engine_matches_the_python_engine(configs, batch, max_entries, op
     event(f"rx dropped: {bool(sum(h.port.rx_dropped for h in nat.hosts))}")
     event(f"dirty log marked: {any(any(h.log.view) for h in nat.hosts)}")
     event(f"broken by the dirty log: {any('dirty log' in str(reason) for _, reason in nat.broken)}")
+    event(f"interrupts held: {'0' if not e.coalescer.held_total else '1+'}")
 
 
 @settings(max_examples=600, deadline=None,

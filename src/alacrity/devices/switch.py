@@ -24,6 +24,7 @@ from typing import Any
 from alacrity import ids
 from alacrity.devices.base import Attribute, Device, Handovers, Slot, chardev_socket, parse_text, qemu_device
 from alacrity.errors import AdminError
+from alacrity.switch.coalesce import COALESCE_FRAMES, COALESCE_US, Bounds
 from alacrity.switch.control import DEFAULT_PREFIX
 from alacrity.switch.launcher import SwitchProcess
 from alacrity.virtio.net import check_mac, local_mac
@@ -61,6 +62,14 @@ def _parse_prefix(text: str) -> str:
     return value
 
 
+def _parse_coalesce_us(text: str) -> float:
+    return Bounds(delay_us=float(text)).delay_us  # its range, checked now, not at the next start
+
+
+def _parse_coalesce_frames(text: str) -> int:
+    return Bounds(frames=int(text)).frames
+
+
 def _parse_seconds(text: str) -> float:
     value = float(text)
     if not 1 <= value <= 86400:
@@ -84,6 +93,11 @@ class SwitchDevice(Device):
                   "first bytes of the MAC given to each new port (not while ports are open)"),
         Attribute("learning_ageing_s", _parse_seconds, "300", "seconds a learned MAC address is kept",
                   live=True),
+        Attribute("coalesce_us", _parse_coalesce_us, str(COALESCE_US),
+                  "longest a port's interrupt is held while its frames come close together (0: never)",
+                  live=True),
+        Attribute("coalesce_frames", _parse_coalesce_frames, str(COALESCE_FRAMES),
+                  "...or until this many more frames reached that port's ring", live=True),
     )
     virtio_id = 1
     client_driver = "alacrity.client.net:NetClient"
@@ -122,7 +136,8 @@ class SwitchDevice(Device):
             v = self.values
             try:
                 process = SwitchProcess(self.name, mtu=v["mtu"], mac_prefix=v["mac_prefix"],
-                                        ageing_s=v["learning_ageing_s"])
+                                        ageing_s=v["learning_ageing_s"], coalesce_us=v["coalesce_us"],
+                                        coalesce_frames=v["coalesce_frames"])
             except (OSError, ids.IdsExhausted) as exc:
                 raise AdminError(errno.EIO, f"switch {self.name}: cannot start its process: {exc}") from None
             self.process = process
@@ -263,6 +278,10 @@ class SwitchDevice(Device):
             process = self._running()
             if process is not None:
                 process.control.request({"op": "set", "ageing_s": self.values["learning_ageing_s"]})
+        elif name in ("coalesce_us", "coalesce_frames"):
+            process = self._running()
+            if process is not None:
+                process.control.request({"op": "set", name: self.values[name]})
         elif name in ("mtu", "mac_prefix") and self._running() is not None:
             # No ports are open (these are not live): start afresh with the new value.
             self._stop()

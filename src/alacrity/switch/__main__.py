@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 
+from alacrity.switch.coalesce import Bounds
 from alacrity.switch.engines import ENGINE_ENV, ENGINE_KINDS
 from alacrity.switch.process import DEFAULT_PREFIX, POLL_BUDGET_S, Switch
 from alacrity.vhost_user import eventfd, sigbus
@@ -71,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adaptive-poll", action=argparse.BooleanOptionalAction, default=True,
                         help="spin less (down to not at all) while peers come back later than the "
                              "budget, more while they come back within it (default: on)")
+    parser.add_argument("--coalesce-us", type=float, default=0.0,
+                        help="hold a port's interrupt up to this long while its frames come less than "
+                             "--coalesce-quiet-us apart (0, the default: never)")
+    parser.add_argument("--coalesce-frames", type=int, default=32,
+                        help="...or until this many more frames reached that ring (default 32)")
+    parser.add_argument("--coalesce-quiet-us", type=float, default=500.0,
+                        help="an interrupt asked for this long after the last is sent at once (default 500)")
     parser.add_argument("--nice", type=int, default=NICE,
                         help="scheduling priority, set before dropping privileges (default 0: the "
                              "parent's; -5 put the switch ahead of busy QEMUs in one measured run)")
@@ -87,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         switch = Switch(control, mtu=args.mtu, mac_prefix=args.mac_prefix, ageing_s=args.ageing,
                         offloads=args.offloads, poll_budget_s=args.poll_us * 1e-6, engine=args.engine,
-                        adaptive_poll=args.adaptive_poll)
+                        adaptive_poll=args.adaptive_poll,
+                        coalesce=Bounds(delay_us=args.coalesce_us, frames=args.coalesce_frames,
+                                        quiet_us=args.coalesce_quiet_us))
     except ValueError as exc:
         parser.error(str(exc))
     sigbus.install()  # before dropping privileges: the build cache may be root's

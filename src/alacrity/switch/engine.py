@@ -37,6 +37,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from alacrity.switch.coalesce import Bounds, Coalescer
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.offload import PortFault, Unsegmentable, complete_csum, parse_gso, segment_tcp
 from alacrity.switch.port import RX, TX, Port
@@ -159,6 +160,7 @@ class Engine:
         self._soft_gso = None
         self._soft_frames: list | Unsegmentable | None = None
         self.announced: list[tuple[int, bytes]] = []  # (port id, frame): `announce`
+        self.coalescer = Coalescer(Bounds())  # off until the switch sets its bounds
 
     # -- ports
     def add_port(self, port: Port) -> None:
@@ -170,6 +172,8 @@ class Engine:
         port = self.ports.pop(port_id, None)
         self.taps.pop(port_id, None)
         self.fdb.forget_port(port_id)
+        if port is not None:
+            self.coalescer.forget(port)
         return port
 
     def _break(self, port: Port, reason: str) -> None:
@@ -181,6 +185,20 @@ class Engine:
         port.rx = port.tx = None
 
     def _signal(self, port: Port, index: int) -> None:
+        """`port`'s driver asked to be interrupted for ring `index`: now, or once the
+        coalescer releases it (`release_held`)."""
+        queue = port.rx if index == RX else port.tx
+        if queue is not None and self.coalescer.hold(port, index, queue, self.clock()):
+            return
+        self._interrupt(port, index)
+
+    def release_held(self) -> None:
+        """Send the held interrupts that are due; both engines call it after each batch."""
+        if self.coalescer.held():
+            for port, index in self.coalescer.due(self.clock(), _ring_of):
+                self._interrupt(port, index)  # type: ignore[arg-type]
+
+    def _interrupt(self, port: Port, index: int) -> None:
         """Interrupt `port`'s driver for ring `index`. Its call fd is the peer's: if writing it
         fails, that breaks the port alone, never the loop."""
         try:
@@ -233,6 +251,7 @@ class Engine:
         for (port, index), queue in touched.items():
             if port.broken is None and queue.needs_notify():
                 self._signal(port, index)
+        self.release_held()
         if work:
             self.batches += 1
         return work
@@ -448,6 +467,10 @@ class Engine:
         tap.rx_packets += 1
         tap.rx_bytes += length
         return True
+
+
+def _ring_of(port: Port, index: int) -> DeviceQueue | None:
+    return None if port.broken is not None else port.rx if index == RX else port.tx
 
 
 def _scatter(rxq: DeviceQueue, chains: list[Chain], sources: list[memoryview]) -> None:

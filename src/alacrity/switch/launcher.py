@@ -15,6 +15,7 @@ import time
 from typing import IO
 
 from alacrity import ids
+from alacrity.switch.coalesce import COALESCE_FRAMES, COALESCE_US
 from alacrity.switch.control import DEFAULT_PREFIX, Control
 
 log = logging.getLogger("alacrity.switch")
@@ -27,13 +28,15 @@ class SwitchProcess:
     def __init__(self, name: str, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
                  ageing_s: float = 300.0, offloads: bool = True, log_file: IO[bytes] | None = None,
                  timeout: float = 5.0, poll_us: float | None = None,
-                 adaptive_poll: bool | None = None) -> None:
+                 adaptive_poll: bool | None = None, coalesce_us: float = COALESCE_US,
+                 coalesce_frames: int = COALESCE_FRAMES) -> None:
         self.id_range = ids.unprivileged
         self.uid: int | None = self.id_range.lease()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "alacrity.switch", "--control-fd", str(theirs.fileno()),
                 "--uid", str(self.uid), "--mtu", str(mtu), "--mac-prefix", mac_prefix,
-                "--ageing", str(ageing_s), "--offloads" if offloads else "--no-offloads"]
+                "--ageing", str(ageing_s), "--offloads" if offloads else "--no-offloads",
+                "--coalesce-us", str(coalesce_us), "--coalesce-frames", str(coalesce_frames)]
         if poll_us is not None:  # else the switch's own default (benchmarks try others)
             argv += ["--poll-us", str(poll_us)]
         if adaptive_poll is not None:

@@ -9,7 +9,8 @@ every reply echoes the request's `seq`:
   an already-accepted vhost-user connection, which becomes a port. Reply
   `{"ok": true, "port": ID, "mac": "..."}`.
 - `{"op": "add_uplink", "label": L}` with one fd: a tap opened by the daemon (IFF_VNET_HDR).
-- `{"op": "remove_uplink"}`, `{"op": "set", "ageing_s": S}`, `{"op": "remove_port", "port": ID}`,
+- `{"op": "remove_uplink"}`, `{"op": "set", "ageing_s": S, "coalesce_us": U, "coalesce_frames": N}`,
+  `{"op": "remove_port", "port": ID}`,
   `{"op": "stats"}` (ports, fdb, stats), `{"op": "quit"}`.
 With `--control-fd`, the daemon's end closing means the daemon is gone: the switch exits.
 Errors are answered `{"ok": false, "error": "..."}`.
@@ -32,7 +33,9 @@ import os
 import select
 import socket
 import time
+from dataclasses import replace
 
+from alacrity.switch.coalesce import Bounds
 from alacrity.switch.control import DEFAULT_PREFIX, Control
 from alacrity.switch.engine import BATCH
 from alacrity.switch.engines import make_engine
@@ -56,7 +59,7 @@ class Switch:
     def __init__(self, control: str | socket.socket, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
                  ageing_s: float = 300.0, offloads: bool = True, batch: int = BATCH,
                  poll_budget_s: float = POLL_BUDGET_S, engine: str | None = None,
-                 adaptive_poll: bool = True) -> None:
+                 adaptive_poll: bool = True, coalesce: Bounds | None = None) -> None:
         prefix = bytes(int(p, 16) for p in mac_prefix.split(":"))
         if not 1 <= len(prefix) <= 5 or prefix[0] & 1:
             raise ValueError(f"mac_prefix {mac_prefix!r}: 1 to 5 bytes of a unicast address")
@@ -68,6 +71,8 @@ class Switch:
         self.poll_s = poll_budget_s  # what it spins now (adapted, see `_adapt_poll`)
         # native (C fast path, built and loaded here: before the caller drops privileges) or python
         self.engine = make_engine(Fdb(ageing_s=ageing_s), batch=batch, kind=engine)
+        if coalesce is not None:
+            self.engine.coalescer.bounds = coalesce
         self.ports: dict[int, VhostPort] = {}
         self.uplink: TapPort | None = None
         self.next_id = 1
@@ -155,7 +160,9 @@ class Switch:
                     else:
                         self.remove_port(port, port.broken or "broken", fault=True)  # type: ignore[arg-type]
             now = clock()
-            if work or now - last_work < self.poll_s:
+            # Held interrupts (coalesce.py) keep it awake: they are due within their bound,
+            # and poll() could not time that finer than a millisecond.
+            if work or now - last_work < self.poll_s or engine.coalescer.held():
                 if work:
                     last_work = now
                 if now >= next_io:
@@ -325,6 +332,11 @@ class Switch:
         if op == "set":
             if "ageing_s" in request:
                 self.engine.fdb.ageing_s = float(request["ageing_s"])
+            if "coalesce_us" in request or "coalesce_frames" in request:
+                bounds = self.engine.coalescer.bounds
+                self.engine.coalescer.bounds = replace(
+                    bounds, delay_us=float(request.get("coalesce_us", bounds.delay_us)),
+                    frames=int(request.get("coalesce_frames", bounds.frames)))
             return {"ok": True}
         if op == "remove_port":
             port = self.ports.get(int(request["port"]))
@@ -362,6 +374,9 @@ class Switch:
         stats = {"ports": len(self.ports), "fdb_entries": len(fdb), "floods": self.engine.floods,
                  "batches": self.engine.batches, "sleeps": self.sleeps, "wakeups": self.wakeups,
                  "poll_us": round(self.poll_s * 1e6, 1),
+                 "interrupts_held": self.engine.coalescer.held_total,
+                 "interrupts_saved": self.engine.coalescer.saved,
+                 "interrupts_held_uselessly": self.engine.coalescer.useless,
                  "fdb_evictions": self.engine.fdb.evictions, "engine": self.engine.kind}
         return {"ports": ports, "fdb": fdb, "stats": stats, "removed": list(self.removed)}
 

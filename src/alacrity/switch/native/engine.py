@@ -422,6 +422,7 @@ class NativeEngine(Engine):
                 queue = slot.txq if entry & 1 else slot.rxq
                 if slot.port.broken is None and queue is not None and queue.needs_notify():
                     self._signal(slot.port, entry & 1)
+        self.release_held()
         if work:
             self.batches += 1
         return work
