@@ -103,9 +103,12 @@ class Connection:
                         self.recorder.message(_raw(msg), msg.fds)
                     with self.lock:
                         reply, actions = backend.step(msg)
-                    self._apply(actions)
+                    # The reply first: a ring that `step` stopped is already out of its worker's
+                    # reach (it looks under the lock), and the frontend waits for this reply
+                    # (GET_VRING_BASE while a VM stops for a migration) while we join the thread.
                     if reply is not None:
                         self.sock.sendall(reply)
+                    self._apply(actions)
                     if self.recorder is not None:
                         self.recorder.answered()
         except ProtocolError as exc:
