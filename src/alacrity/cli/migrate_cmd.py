@@ -16,7 +16,9 @@ how to restart QEMU under a running guest, for a new binary or new limits.
 
 Only a VM started with 'vm run --detach' migrates, and only with devices QEMU can migrate:
 QEMU 7.2's vhost-user-vsock and vhost-user-rng cannot, so a VM on a bus with a vsock or rng
-device is refused before anything starts. A failed or cancelled migration leaves the VM running where it was.
+device is refused before anything starts. A failed or cancelled migration leaves the VM
+running where it was; the new QEMU holds the VM paused until the old one has sent it all,
+so the guest never runs in both.
 
 Across hosts, start the destination first; the disks must reach the same images (shared
 storage). The destination takes only a source that shows its token, but the stream itself
