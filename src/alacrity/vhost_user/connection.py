@@ -64,6 +64,7 @@ class Connection:
         self.backend = Backend(session)
         self.lock = threading.Lock()
         self.workers: dict[int, RingWorker] = {}
+        self.leaving: list[RingWorker] = []  # told to stop, joined later (`_reap`)
         self.closed = threading.Event()
         self.kicks = 0
         self.calls = 0
@@ -123,6 +124,7 @@ class Connection:
         for action in actions:
             if action.kind == "start":
                 self._stop_worker(action.index)
+                self._reap()
                 worker = RingWorker(self, action.index)
                 self.workers[action.index] = worker
                 worker.start()
@@ -132,9 +134,19 @@ class Connection:
                 os.close(fd)
 
     def _stop_worker(self, index: int) -> None:
+        """Tell ring `index`'s worker to go. Not joined here: the ring is already out of its
+        reach (`step` took it, under the lock), and the frontend may be waiting for our next
+        reply (a VM stopping for a migration sends SET_VRING_ENABLE, then GET_VRING_BASE)."""
         worker = self.workers.pop(index, None)
         if worker is not None:
-            worker.stop()
+            worker.tell_stop()
+            self.leaving.append(worker)
+
+    def _reap(self) -> None:
+        """Join the workers told to stop (before a ring starts again, and at close)."""
+        leaving, self.leaving = self.leaving, []
+        for worker in leaving:
+            worker.join_stopped()
 
     def fail(self, reason: str) -> None:
         """Break this connection (and only it), with a logged reason."""
@@ -153,6 +165,7 @@ class Connection:
         self.closed.set()
         for index in list(self.workers):
             self._stop_worker(index)
+        self._reap()
         with self.lock:
             fds = self.backend.close()
         for fd in fds:
@@ -178,9 +191,12 @@ class RingWorker(threading.Thread):
         self.wake = os.eventfd(0, os.EFD_NONBLOCK)
         self.stopping = False
 
-    def stop(self) -> None:
+    def tell_stop(self) -> None:
         self.stopping = True
         os.eventfd_write(self.wake, 1)
+
+    def join_stopped(self) -> None:
+        """After `tell_stop`: wait for the thread, then close its wake-up fd."""
         if threading.current_thread() is not self:
             self.join()
         os.close(self.wake)
