@@ -325,7 +325,7 @@ TSO_HEADERS = ["tso", "tso", "tso6", "tso6-ext", "tso-vlan", "tso-ecn", "tso-hdr
 HEADERS = ["zero"] * 6 + ["valid", "valid", "junk", "csum", "csum", "csum", "csum-far", "flags", "hdr-len",
                          "gso-size", "gso-lie", *TSO_HEADERS]
 TX_SHAPES = ["one", "one", "split", "indirect"]
-RX_SHAPES = ["one", "one", "split", "readable-first", "tiny", "indirect", "write-then-read"]
+RX_SHAPES = ["one", "one", "split", "readable-first", "tiny", "indirect", "write-then-read", "header-split"]
 EVIL_TX = ["addr", "next", "loop", "indirect", "indirect-len", "writable", "avail-jump", "head"]
 EVIL_RX = ["avail-jump", "addr", "head", "loop"]
 
@@ -386,6 +386,8 @@ def stock(h: Host, count: int, shape: str) -> None:
             bufs = [(base, 8, False), (base + 8, size - 8, True)]
         elif shape == "tiny":
             bufs = [(base, 60, True)]
+        elif shape == "header-split":  # the virtio-net header over two buffers (C's slower path)
+            bufs = [(base, 5, True), (base + 5, size - 5, True)]
         elif shape == "write-then-read":
             bufs = [(base, size // 2, True), (base + size // 2, size // 2, False)]
         elif shape == "indirect":

@@ -1,7 +1,8 @@
 """`NativeEngine`: `Engine` with the common case of `poll_once` in C (fastpath.c).
 
-Per sender and batch, `sw_drain` forwards chains until the batch is done, the TX ring is
-empty, or a chain needs the Python reference code (a punt: an offload to convert for a
+One C call (`sw_poll`) runs the senders in order; per sender and batch, `sw_drain` (inside
+it) forwards chains until the batch is done, the TX ring is empty, or a chain needs the
+Python reference code (a punt: an offload to convert for a
 receiver without it, a tap or other Python-only receiver, a header spread over buffers,
 any ring or header fault); that one chain then goes through `Engine._drain` and C carries
 on. Frames are taken in ring order either way, so nothing is reordered. GSO and NEEDS_CSUM
@@ -227,6 +228,7 @@ class NativeEngine(Engine):
                        | (vn.GSO_ECN if port.features >> vn.F_GUEST_ECN & 1 else 0))
         c.max_frame = min(port.max_frame, 0xFFFFFFFF)
         c.broken = port.broken is not None
+        c.tx_skip = txq is None or bool(port.broken)  # poll_once's loop passes it by
         slot.rx_native = slot.tx_native = False
         if isinstance(port, TapPort):
             c.rx_state = 0 if port.broken is not None else 2  # frames to a tap: Python writes them
@@ -321,7 +323,10 @@ class NativeEngine(Engine):
         c = self._c
         if not c.ndirty and not c.floods:
             return
-        n = self._lib.sw_export(c, self._out)
+        self._apply(self._lib.sw_export(c, self._out))
+
+    def _apply(self, n: int) -> None:
+        """Take the `n` values sw_export wrote (`self._out`) into the Python objects."""
         values = self._ffi.unpack(self._out, n)
         order = self._order
         for k in range(0, n - 1, SW_REC):
@@ -387,13 +392,23 @@ class NativeEngine(Engine):
         self._break_damaged()
         self._refresh()
         work = self._python(lambda touched: self._announce(now, touched)) if self.announced else 0
-        for slot in self._order:
+        # The senders in order: C drains the native TX rings (sw_poll) and stops where Python
+        # has to: a punt (carried on by _drain_native) or a TX ring that Python drains.
+        order, poll, batch, i = self._order, lib.sw_poll, self.batch, 0
+        nports = len(order)
+        while True:
+            work += poll(c, i, batch)
+            i = c.stop
+            if i >= nports:
+                break
+            slot = order[i]
             port = slot.port
             txq = port.tx
-            if txq is None or port.broken:
+            i += 1
+            if c.status:
+                work += self._drain_native(slot, port, txq, now, c.pdone)
                 continue
-            if slot.tx_native:
-                work += self._drain_native(slot, port, txq, now)
+            if txq is None or port.broken:
                 continue
             try:
                 done = self._python(lambda touched, port=port, txq=txq: self._drain(port, txq, now, touched))
@@ -409,9 +424,9 @@ class NativeEngine(Engine):
                 if tap.broken is None:
                     work += self._python(lambda touched, tap=tap: self._drain_tap(tap, now, touched))
         signals = self._signals
-        n = lib.sw_notify(c, signals)
-        self._sync_out()
-        order = self._order
+        n = lib.sw_finish(c, signals, self._out)
+        if c.nout > 1 or self._out[0]:
+            self._apply(c.nout)
         for k in range(n):
             entry = signals[k]
             if entry >= 0:
@@ -427,14 +442,11 @@ class NativeEngine(Engine):
             self.batches += 1
         return work
 
-    def _drain_native(self, slot: _Slot, port: Port, txq: DeviceQueue, now: float) -> int:
-        """`_drain` with C doing the chains it can; 0 (no work counted) if the sender broke."""
+    def _drain_native(self, slot: _Slot, port: Port, txq: DeviceQueue, now: float, done: int) -> int:
+        """`_drain` of a native TX ring from a punt on (C forwarded `done` chains before it): C
+        does the chains it can; returns all of them, or 0 (no work counted) if the sender broke."""
         c, drain, index, budget = self._c, self._lib.sw_drain, slot.index, self.batch
-        done = 0
         while True:
-            done += drain(c, index, budget - done, done)
-            if c.status == 0:
-                return done  # (C put the TX ring in `touched` if it moved)
             # Punt: this one chain goes through the reference code.
             self.punts += 1
             try:
@@ -448,3 +460,6 @@ class NativeEngine(Engine):
                 if done and not port.broken:
                     self._lib.sw_touch(c, index, TX)
                 return done
+            done += drain(c, index, budget - done, done)
+            if c.status == 0:
+                return done  # (C put the TX ring in `touched` if it moved)

@@ -146,6 +146,97 @@ static int walk(const struct sw_queue *q, uint32_t head, struct sw_seg *segs, ui
     return -1;
 }
 
+/* ---- prefetch hints. Frames come from another CPU: its descriptors and buffers are in that
+ * CPU's cache, and walking a chain is a series of dependent misses (avail entry, descriptor,
+ * buffer). The loops below ask for the next chains' lines a few chains ahead, so the misses
+ * overlap. Nothing read here is used but as a prefetch address (a prefetch cannot fault and
+ * changes nothing); every value is read again, and checked, when it is used. */
+
+#define PF_DESC 8 /* chains ahead whose descriptor is fetched */
+#define PF_BUF 4  /* chains ahead whose first buffer is fetched (its descriptor was, before) */
+#define PF_MAX 1536 /* bytes of a buffer fetched */
+#define PF_AVAIL 16 /* avail entries ahead (32 to a line) */
+
+static inline void pf_read(const void *p) { __builtin_prefetch(p, 0, 3); }
+
+static inline void pf_write(const void *p)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __asm__ volatile("prefetchw %0" : : "m"(*(const volatile uint8_t *)p)); /* a NOP where unknown */
+#else
+    __builtin_prefetch(p, 1, 3);
+#endif
+}
+
+/* The descriptor of the chain at avail position `idx`. */
+static inline void pf_desc(const struct sw_queue *q, uint16_t idx)
+{
+    uint16_t head = ld16(q->avail + 4 + 2 * (size_t)(idx & (q->size - 1)));
+    if (head < q->size)
+        pf_read(q->desc + 16 * (size_t)head);
+}
+
+/* The first buffer (its first two lines) of the chain at avail position `idx`, or its
+ * indirect table; `write`: for a receiver, which writes it. */
+static void pf_buf(const struct sw_queue *q, uint16_t idx, int write)
+{
+    uint16_t head = ld16(q->avail + 4 + 2 * (size_t)(idx & (q->size - 1)));
+    if (head >= q->size)
+        return;
+    uint64_t d[2];
+    memcpy(d, q->desc + 16 * (size_t)head, 16);
+    barrier();
+    uint64_t addr = d[0];
+    uint32_t len = (uint32_t)d[1];
+    uint16_t flags = (uint16_t)(d[1] >> 32);
+    if (!len)
+        return;
+    const uint8_t *p = xlate(q, addr, len);
+    if (!p)
+        return;
+    if (flags & DESC_F_INDIRECT) {
+        pf_read(p);
+        return;
+    }
+    /* a receiver's buffer: as much as the last frame it got took */
+    uint32_t want = write ? (q->pf_len > 128 ? q->pf_len : 128) : PF_MAX;
+    uint32_t n = len < want ? len : want;
+    if (write) {
+        for (uint32_t off = 0; off < n; off += 64)
+            pf_write(p + off);
+    } else {
+        for (uint32_t off = 0; off < n; off += 64)
+            pf_read(p + off);
+    }
+}
+
+/* Prefetch for a ring about to consume position `idx` (< aidx): the descriptors and buffers
+ * of the chains after it. */
+static inline void pf_ahead(const struct sw_queue *q, uint16_t idx, uint16_t aidx, int write)
+{
+    uint16_t left = (uint16_t)(aidx - idx);
+    if (left > q->size)
+        return;
+    if (left > PF_AVAIL)
+        pf_read(q->avail + 4 + 2 * (size_t)((idx + PF_AVAIL) & (q->size - 1)));
+    if (left > PF_DESC)
+        pf_desc(q, (uint16_t)(idx + PF_DESC));
+    if (left > PF_BUF)
+        pf_buf(q, (uint16_t)(idx + PF_BUF), write);
+}
+
+/* The same, starting a run at `idx`: everything up to the look-ahead distances. */
+static void pf_start(const struct sw_queue *q, uint16_t idx, uint16_t aidx, int write)
+{
+    uint16_t left = (uint16_t)(aidx - idx);
+    if (left > q->size)
+        return;
+    for (uint16_t k = 0; k < PF_DESC && k < left; k++)
+        pf_desc(q, (uint16_t)(idx + k));
+    for (uint16_t k = 0; k < PF_BUF && k < left; k++)
+        pf_buf(q, (uint16_t)(idx + k), write);
+}
+
 static inline int log_covers(const struct sw_queue *q, uint64_t gpa, uint64_t len)
 {
     /* gpa + len cannot wrap: the range is inside a region of the memory table */
@@ -191,6 +282,7 @@ static inline void push(struct sw_engine *e, struct sw_port *p, struct sw_queue 
 {
     uint32_t elem[2] = {head, written};
     memcpy(q->used + 4 + 8 * (size_t)(q->used_idx & (q->size - 1)), elem, 8);
+    pf_write(q->used + 4 + 8 * (size_t)((q->used_idx + 8) & (q->size - 1))); /* the next line */
     q->used_idx++;
     q->pushed++;
     q->dirty = 1;
@@ -528,7 +620,9 @@ struct frame {
     struct sw_seg src[TX_SEGS + 2]; /* the virtio-net header we write, then the frame */
     uint32_t nsrc;
     uint64_t length;
-    uint8_t hdr[12];
+    uint64_t hdr0;                  /* the header each receiver gets: bytes 0-7, 8-9 */
+    uint16_t hdr1;
+    uint8_t hdr[12];                /* the same, in bytes, for a header spread over RX buffers */
     int needs_csum;
     uint8_t gso_type;
     uint8_t head[HEAD_COPY];        /* a GSO frame's first bytes, checked: src[1] points here */
@@ -630,6 +724,7 @@ static int plan_chain(struct sw_engine *e, const struct sw_queue *q, uint16_t ai
     if (*nchains >= e->chains_cap)
         return -1;
     uint16_t head = ld16(q->avail + 4 + 2 * (size_t)(*cursor & (q->size - 1)));
+    pf_ahead(q, *cursor, aidx, 1);
     uint32_t nr = 0;
     int n = walk(q, head, e->segs + *nsegs, e->segs_cap - *nsegs, &nr);
     if (n < 0)
@@ -703,21 +798,35 @@ static void deliver(struct sw_engine *e, struct sw_port *r, const struct sw_rxpl
 {
     struct sw_queue *q = &r->rx;
     uint32_t hs = r->hdr_size;
-    if (hs == 12) {
-        uint16_t nb = (uint16_t)pl->nchains;
-        memcpy(f->hdr + 10, &nb, 2);
-    }
-    f->src[0].p = f->hdr;
-    f->src[0].len = hs;
+    uint16_t nb = (uint16_t)pl->nchains;
     const struct sw_seg *src = f->src;
     uint32_t nsrc = f->nsrc, si = 0;
-    uint64_t soff = 0;
+    uint64_t soff = 0, skip = 0;
+    const struct sw_chain *first = &e->chains[pl->chain0];
+    if (first->nseg && e->segs[first->seg0].len >= hs) {
+        /* The header straight into the first buffer, from registers: a copy from a buffer
+         * just written in pieces would wait for every store before it (store forwarding). */
+        uint8_t *d = e->segs[first->seg0].p;
+        memcpy(d, &f->hdr0, 8);
+        memcpy(d + 8, &f->hdr1, 2);
+        if (hs == 12)
+            memcpy(d + 10, &nb, 2);
+        si = 1;
+        skip = hs;
+    } else {
+        memcpy(f->hdr, &f->hdr0, 8);
+        memcpy(f->hdr + 8, &f->hdr1, 2);
+        memcpy(f->hdr + 10, &nb, 2);
+        f->src[0].p = f->hdr;
+        f->src[0].len = hs;
+    }
     for (uint32_t c = 0; c < pl->nchains; c++) {
         const struct sw_chain *ch = &e->chains[pl->chain0 + c];
         uint64_t written = 0;
         for (uint32_t k = 0; k < ch->nseg; k++) {
             const struct sw_seg *d = &e->segs[ch->seg0 + k];
-            uint64_t pos = 0;
+            uint64_t pos = skip;
+            skip = 0;
             while (pos < d->len && si < nsrc) {
                 uint64_t n = d->len - pos, left = src[si].len - soff;
                 if (left < n)
@@ -750,6 +859,7 @@ static void deliver(struct sw_engine *e, struct sw_port *r, const struct sw_rxpl
         }
     }
     q->last_avail = pl->cursor;
+    q->pf_len = hs + f->length < PF_MAX ? (uint32_t)(hs + f->length) : PF_MAX;
     r->rx_packets++;
     r->rx_bytes += f->length;
     sw_touch(e, r->index, 0);
@@ -767,8 +877,11 @@ static int forward(struct sw_engine *e, struct sw_port *p, uint32_t head)
     uint32_t hs = p->hdr_size;
     if (tx[0].len < hs)
         return -1; /* the header spread over buffers */
-    uint8_t raw[12];
-    memcpy(raw, tx[0].p, hs);
+    /* the header's bytes 0-9, all that is read of it (num_buffers is not), into registers */
+    uint64_t w0;
+    uint16_t w1;
+    memcpy(&w0, tx[0].p, 8);
+    memcpy(&w1, tx[0].p + 8, 2);
     barrier();
     /* the frame's segments: _read_tx */
     f.nsrc = 1;
@@ -783,12 +896,9 @@ static int forward(struct sw_engine *e, struct sw_port *p, uint32_t head)
         f.src[f.nsrc++] = tx[k];
         f.length += tx[k].len;
     }
-    uint8_t flags = raw[0], gso_type = raw[1];
-    uint16_t hdr_len, gso_size, csum_start, csum_offset;
-    memcpy(&hdr_len, raw + 2, 2);
-    memcpy(&gso_size, raw + 4, 2);
-    memcpy(&csum_start, raw + 6, 2);
-    memcpy(&csum_offset, raw + 8, 2);
+    uint8_t flags = (uint8_t)w0, gso_type = (uint8_t)(w0 >> 8);
+    uint16_t hdr_len = (uint16_t)(w0 >> 16), gso_size = (uint16_t)(w0 >> 32);
+    uint16_t csum_start = (uint16_t)(w0 >> 48), csum_offset = w1;
     uint64_t length = f.length;
     /* check_header: anything it refuses is Python's to word (and to break the sender for) */
     if (length < ETH_HLEN || hdr_len > length || (flags & ~(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID)))
@@ -814,23 +924,22 @@ static int forward(struct sw_engine *e, struct sw_port *p, uint32_t head)
     }
     if (f.src[1].len < 12)
         return -1; /* the addresses spread over buffers */
-    uint8_t mac[12];
-    memcpy(mac, f.src[1].p, 12);
+    uint64_t m0;
+    uint32_t m1;
+    memcpy(&m0, f.src[1].p, 8);
+    memcpy(&m1, f.src[1].p + 8, 4);
     barrier();
-    uint64_t dst = 0, src = 0;
-    for (int k = 0; k < 6; k++) {
-        dst = dst << 8 | mac[k];
-        src = src << 8 | mac[6 + k];
-    }
+    m0 = __builtin_bswap64(m0);
+    uint64_t dst = m0 >> 16, src = (m0 & 0xFFFF) << 32 | __builtin_bswap32(m1); /* 48-bit, big-endian */
     /* the header each receiver gets: flags & NEEDS_CSUM, the rest as sent, num_buffers later */
-    f.hdr[0] = (uint8_t)f.needs_csum;
-    memcpy(f.hdr + 1, raw + 1, 9);
+    f.hdr0 = (w0 & ~(uint64_t)0xFF) | (uint8_t)f.needs_csum;
+    f.hdr1 = w1;
     double now = e->now;
-    if (!(mac[6] & 1))
+    if (!(src >> 40 & 1))
         sw_fdb_learn(e->fdb, src, p->id, now);
     int flood = 1;
     int64_t out = 0;
-    if (!(mac[0] & 1))
+    if (!(dst >> 40 & 1))
         flood = !sw_fdb_lookup(e->fdb, dst, now, &out);
     /* plan every delivery before doing any */
     uint32_t nplans = 0, nsegs = 0, nchains = 0;
@@ -874,17 +983,20 @@ int32_t sw_drain(struct sw_engine *e, int32_t index, int32_t budget, int32_t don
     int32_t done = 0;
     e->status = SW_DONE;
     uint16_t aidx = avail_idx(q);
+    pf_start(q, q->last_avail, aidx, 0);
     while (done < budget) {
         if (aidx == q->last_avail) {
             aidx = avail_idx(q);
             if (aidx == q->last_avail)
                 break;
+            pf_start(q, q->last_avail, aidx, 0);
         }
         if ((uint16_t)(aidx - q->last_avail) > q->size) {
             e->status = SW_PUNT;
             break;
         }
         uint16_t head = ld16(q->avail + 4 + 2 * (size_t)(q->last_avail & (q->size - 1)));
+        pf_ahead(q, q->last_avail, aidx, 0);
         if (forward(e, p, head) < 0) {
             e->status = SW_PUNT;
             break;
@@ -901,4 +1013,43 @@ int32_t sw_drain(struct sw_engine *e, int32_t index, int32_t budget, int32_t don
         publish(&e->ports[e->dirty[i]]->tx);
     }
     return done;
+}
+
+/* poll_once's loop over the senders, from port `start` on, in order: drains each native TX
+ * ring (`budget` chains), passes by the ports with tx_skip, and stops at a TX ring that
+ * Python drains or at a punt: e->stop is that port (nports: none), e->status SW_PUNT with
+ * e->pdone chains of it forwarded already, or SW_DONE. Returns the chains of the ports it
+ * finished (the stopping port's are not among them). */
+int32_t sw_poll(struct sw_engine *e, int32_t start, int32_t budget)
+{
+    int32_t work = 0;
+    for (int32_t i = start; i < e->nports; i++) {
+        struct sw_port *p = e->ports[i];
+        if (p->tx_skip)
+            continue;
+        if (!p->tx.native) {
+            e->status = SW_DONE;
+            e->stop = i;
+            return work;
+        }
+        int32_t done = sw_drain(e, i, budget, 0);
+        if (e->status == SW_PUNT) {
+            e->stop = i;
+            e->pdone = done;
+            return work;
+        }
+        work += done;
+    }
+    e->status = SW_DONE;
+    e->stop = e->nports;
+    return work;
+}
+
+/* The end of poll_once: sw_notify into `signals` (returned: how many), then sw_export into
+ * `out` (e->nout values). */
+int32_t sw_finish(struct sw_engine *e, int32_t *signals, int64_t *out)
+{
+    int32_t n = sw_notify(e, signals);
+    e->nout = sw_export(e, out);
+    return n;
 }

@@ -40,6 +40,8 @@ struct sw_queue {
     uint8_t *log;               /* the dirty log (DeviceQueue.logging), log_size bytes; NULL: none */
     uint64_t log_size;
     uint64_t used_log;          /* the used ring's guest-physical address, for the log */
+    uint32_t pf_len;            /* bytes of a buffer to prefetch: the last frame's (receivers) */
+    uint32_t pad2;
 };
 
 struct sw_port {
@@ -54,7 +56,7 @@ struct sw_port {
     uint8_t dirty;              /* in sw_engine.dirty */
     uint8_t host_gso;           /* GSO types it may send: bit 1 << type (TCPV4 1, UDP 3, TCPV6 4) */
     uint8_t guest_gso;          /* GSO types it takes whole, the same bits, and 0x80 for GUEST_ECN */
-    uint8_t pad;
+    uint8_t tx_skip;            /* poll_once passes its TX ring by: none, or the port is broken */
     uint32_t max_frame;
     struct sw_queue rx;
     struct sw_queue tx;
@@ -112,6 +114,10 @@ struct sw_engine {
     uint64_t floods;            /* delta since the last sync out */
     uint64_t frames;            /* forwarded by C, ever (for benchmarks) */
     uint64_t gso_frames;        /* of which GSO frames (for benchmarks and tests) */
+    int32_t stop;               /* sw_poll: the port it stopped at (nports: none) */
+    int32_t pdone;              /* sw_poll: with SW_PUNT, the chains of that port done before */
+    int32_t nout;               /* sw_finish: the values it exported */
+    int32_t pad;
 };
 
 /* Sync-out records (sw_export): SW_REC int64s per port with changes, then the floods. */
@@ -120,6 +126,8 @@ struct sw_engine {
 void sw_begin(struct sw_engine *e, double now);
 void sw_index_ports(struct sw_engine *e);
 int32_t sw_drain(struct sw_engine *e, int32_t index, int32_t budget, int32_t done_before);
+int32_t sw_poll(struct sw_engine *e, int32_t start, int32_t budget);
+int32_t sw_finish(struct sw_engine *e, int32_t *signals, int64_t *out);
 void sw_touch(struct sw_engine *e, int32_t index, int32_t ring);
 int32_t sw_notify(struct sw_engine *e, int32_t *out);
 int32_t sw_export(struct sw_engine *e, int64_t *out);
