@@ -61,7 +61,8 @@ class Once:
         with self._lock:
             if self.loaded is None:
                 if self.failed is not None:
-                    raise self.failed
+                    # a new one each time: raising one instance again grows its traceback
+                    raise type(self.failed)(*self.failed.args)
                 try:
                     self.loaded = self._loader()
                 except NativeUnavailable as exc:

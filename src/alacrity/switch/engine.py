@@ -187,9 +187,10 @@ class Engine:
     def _signal(self, port: Port, index: int) -> None:
         """`port`'s driver asked to be interrupted for ring `index`: now, or once the
         coalescer releases it (`release_held`)."""
-        queue = port.rx if index == RX else port.tx
-        if queue is not None and self.coalescer.hold(port, index, queue, self.clock()):
-            return
+        if self.coalescer.bounds.on:  # (off by default: then nothing more to do per signal)
+            queue = port.rx if index == RX else port.tx
+            if queue is not None and self.coalescer.hold(port, index, queue, self.clock()):
+                return
         self._interrupt(port, index)
 
     def release_held(self) -> None:
