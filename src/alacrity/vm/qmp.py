@@ -31,6 +31,9 @@ class QmpClient:
             raise
         self._sock = sock
         greeting = self._read()
+        while "event" in greeting:  # a QEMU with migration events on may send one first
+            self.events.append(greeting)
+            greeting = self._read()
         if "QMP" not in greeting:
             raise QmpError(f"not a QMP greeting: {greeting}")
         self.execute("qmp_capabilities")
