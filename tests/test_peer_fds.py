@@ -35,6 +35,7 @@ from alacrity.switch.engine import Engine
 from alacrity.switch.engines import make_engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import RX, TX, NetSession
+from alacrity.switch.process import LOOP_ENV
 from alacrity.vhost_user.backend import Backend, eventfd_problem, fd_kind
 from alacrity.vhost_user.eventfd import notify
 from alacrity.vhost_user.frontend import Frontend
@@ -413,8 +414,11 @@ class HostileNic(NetClient):
         return ring
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
+@pytest.fixture(params=["native", "python"], ids=["native-loop", "python-loop"])
+def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Rig]:
+    """A switch whose loop is wakeup.c's or the Python reference: each writes the call fds
+    itself, each under the eventfd watchdog."""
+    monkeypatch.setenv(LOOP_ENV, request.param)
     r = Rig(tmp_path)
     try:
         yield r

@@ -76,19 +76,21 @@ class Once:
 @dataclass(frozen=True)
 class NativeSpec:
     """A C module: `cdef` (declarations for cffi) and `source`, files in `directory`, which is
-    also on the include path; the built module is named `prefix` + a hash of the sources."""
+    also on the include path, and `more_sources` compiled beside it (each its own translation
+    unit); the built module is named `prefix` + a hash of all of them."""
 
     prefix: str
     directory: str
     cdef: str
     source: str
+    more_sources: tuple[str, ...] = ()
 
     def module_name(self) -> str:
         import cffi
 
         digest = hashlib.sha256()
-        for path in (os.path.join(self.directory, self.cdef), os.path.join(self.directory, self.source),
-                     os.path.abspath(__file__)):
+        names = (self.cdef, self.source, *self.more_sources)
+        for path in (*(os.path.join(self.directory, name) for name in names), os.path.abspath(__file__)):
             with open(path, "rb") as f:
                 digest.update(f.read())
         digest.update(f"{sys.version}|{sys.platform}|{cffi.__version__}".encode())
@@ -165,7 +167,7 @@ def build(spec: NativeSpec, name: str, outdir: str) -> str:
     """Build `spec` as module `name` in `outdir`, in a child process; the path of the module."""
     # -P: not this file's directory first on sys.path, where a module could shadow the stdlib's
     argv = [sys.executable, "-P", os.path.abspath(__file__), outdir, name, spec.directory, spec.cdef,
-            spec.source]
+            spec.source, *spec.more_sources]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, cwd=outdir)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -202,10 +204,10 @@ def _import(name: str, path: str) -> tuple[Any, Any]:
 
 
 def _main(argv: list[str]) -> int:
-    """The child process of `build()`: OUTDIR MODULE DIR CDEF SOURCE."""
+    """The child process of `build()`: OUTDIR MODULE DIR CDEF SOURCE [MORE_SOURCES...]."""
     from cffi import FFI
 
-    outdir, module, directory, cdef, source = argv
+    outdir, module, directory, cdef, source, *more = argv
 
     def read(name: str) -> str:
         with open(os.path.join(directory, name), encoding="utf-8") as f:
@@ -213,7 +215,8 @@ def _main(argv: list[str]) -> int:
 
     ffi = FFI()
     ffi.cdef(read(cdef))
-    ffi.set_source(module, read(source), include_dirs=[directory], extra_compile_args=CFLAGS)
+    ffi.set_source(module, read(source), include_dirs=[directory], extra_compile_args=CFLAGS,
+                   sources=[os.path.join(directory, name) for name in more])
     print(ffi.compile(tmpdir=outdir, verbose=False))
     return 0
 

@@ -88,6 +88,11 @@ class Port:
         """Interrupt the driver for ring `index` (an eventfd write for a vhost-user port)."""
         self.interrupts += 1
 
+    def call_fd(self, index: int) -> int | None:
+        """The eventfd that `signal(index)` writes, for the native wake-up loop to write
+        instead; None if there is none (then `signal` does all there is to do)."""
+        return None
+
     def counters(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in COUNTERS}
 
@@ -212,6 +217,9 @@ class VhostPort(Port):
             # We never wait for RX buffers (a full ring is a drop), so we want no RX kicks.
             self.rx.disable_notify()
         self.changed = True
+
+    def call_fd(self, index: int) -> int | None:
+        return self.backend.vrings[index].call
 
     def signal(self, index: int) -> None:
         """OSError (the peer's fd failed) must break this port: the engine does that."""

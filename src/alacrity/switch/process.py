@@ -40,6 +40,8 @@ from alacrity.switch.control import DEFAULT_PREFIX, Control
 from alacrity.switch.engine import BATCH
 from alacrity.switch.engines import make_engine
 from alacrity.switch.fdb import Fdb
+from alacrity.switch.native import load as load_native
+from alacrity.switch.native.engine import RUN_ERROR, RUN_FAULTS, RUN_IO, RUN_PUNT, NativeEngine, WakeupLoop
 from alacrity.switch.port import VhostPort
 from alacrity.switch.tap import TapPort
 from alacrity.vhost_user.messages import ProtocolError
@@ -51,6 +53,8 @@ log = logging.getLogger("alacrity.switch")
 POLL_BUDGET_S = 200e-6
 #: The adaptive budget's floor: below it, spinning is not worth a loop iteration.
 POLL_MIN_S = 10e-6
+#: Set to "python" to keep the loop in Python even with the native engine (for comparisons).
+LOOP_ENV = "ALACRITY_SWITCH_LOOP"
 IO_CHECK_S = 200e-6  # under load, look at sockets this often (a stopping VM waits on GET_VRING_BASE)
 MAX_CONTROL = 65536
 
@@ -59,7 +63,8 @@ class Switch:
     def __init__(self, control: str | socket.socket, *, mtu: int = 1500, mac_prefix: str = DEFAULT_PREFIX,
                  ageing_s: float = 300.0, offloads: bool = True, batch: int = BATCH,
                  poll_budget_s: float = POLL_BUDGET_S, engine: str | None = None,
-                 adaptive_poll: bool = True, coalesce: Bounds | None = None) -> None:
+                 adaptive_poll: bool = True, coalesce: Bounds | None = None,
+                 native_loop: bool | None = None) -> None:
         prefix = bytes(int(p, 16) for p in mac_prefix.split(":"))
         if not 1 <= len(prefix) <= 5 or prefix[0] & 1:
             raise ValueError(f"mac_prefix {mac_prefix!r}: 1 to 5 bytes of a unicast address")
@@ -97,6 +102,13 @@ class Switch:
             os.replace(staging, control)
         self.poller: select.poll | None = None
         self.kick_owner: dict[int, VhostPort] = {}
+        self.other_fds: list[int] = []  # what the poller watches besides the kick fds
+        self.last_work = self.next_io = 0.0
+        if native_loop is None:
+            native_loop = os.environ.get(LOOP_ENV, "native") != "python"
+        self.native_loop = native_loop
+        self.loop: WakeupLoop | None = None
+        self.native_runs = 0
         self.stopping = False
         self.sleeps = 0
         self.wakeups = 0
@@ -147,37 +159,81 @@ class Switch:
 
     # -- the loop
     def run(self) -> None:
+        """Serve until stopped: in C (`_step_native`) whenever the engine can, else in Python
+        (`_step`, the reference, and what serves a tap, coalescing or a dirty log)."""
+        if self.native_loop and isinstance(self.engine, NativeEngine):
+            self.loop = WakeupLoop(*load_native())  # watched by the eventfd watchdog: this thread
+        try:
+            while not self.stopping:
+                if self.loop is not None and self.engine.loop_ready():  # type: ignore[attr-defined]
+                    self._step_native()
+                else:
+                    self._step()
+        finally:
+            if self.loop is not None:
+                self.loop.close()
+                self.loop = None
+
+    def _step(self) -> None:
         engine = self.engine
-        last_work = next_io = 0.0
-        clock = time.monotonic
-        while not self.stopping:
-            work = engine.poll_once()
-            if engine.broken:
-                for port in engine.take_broken():
-                    if port is self.uplink:
-                        log.error("%s: uplink broken: %s; the host is cut off", port.label, port.broken)
-                        self.set_uplink(None)
-                    else:
-                        self.remove_port(port, port.broken or "broken", fault=True)  # type: ignore[arg-type]
-            now = clock()
-            # Held interrupts (coalesce.py) keep it awake: they are due within their bound,
-            # and poll() could not time that finer than a millisecond.
-            if work or now - last_work < self.poll_s or engine.coalescer.held():
-                if work:
-                    last_work = now
-                if now >= next_io:
-                    self._service_io(0)
-                    next_io = now + IO_CHECK_S
-                continue
-            if self._arm():
-                continue
-            self.sleeps += 1
-            self._service_io(1000)
-            self._disarm()
-            now = clock()
-            if self.adaptive_poll:
-                self._adapt_poll(now - last_work)
-            last_work = now  # poll a while after every wake-up
+        work = engine.poll_once()
+        self._take_broken()
+        now = time.monotonic()
+        # Held interrupts (coalesce.py) keep it awake: they are due within their bound,
+        # and poll() could not time that finer than a millisecond.
+        if work or now - self.last_work < self.poll_s or engine.coalescer.held():
+            if work:
+                self.last_work = now
+            if now >= self.next_io:
+                self._service_io(0)
+                self.next_io = now + IO_CHECK_S
+            return
+        if self._arm():
+            return
+        self.sleeps += 1
+        self._service_io(1000)
+        self._disarm()
+        now = time.monotonic()
+        if self.adaptive_poll:
+            self._adapt_poll(now - self.last_work)
+        self.last_work = now  # poll a while after every wake-up
+
+    def _step_native(self) -> None:
+        """wakeup.c's loop until Python is needed, then what it was needed for."""
+        engine: NativeEngine = self.engine  # type: ignore[assignment]
+        loop = self.loop
+        assert loop is not None
+        if self.poller is None or any(p.changed for p in self.ports.values()):
+            self.poller = self._build_poller()
+        w = loop.c
+        w.budget_ns, w.min_ns = int(self.poll_budget_s * 1e9), int(POLL_MIN_S * 1e9)
+        w.io_check_ns, w.adaptive = int(IO_CHECK_S * 1e9), self.adaptive_poll
+        w.spin_ns, w.last_work_ns = int(self.poll_s * 1e9), int(self.last_work * 1e9)
+        reason = engine.run_loop(loop, list(self.kick_owner.items()), self.other_fds)
+        self.poll_s, self.last_work = w.spin_ns / 1e9, w.last_work_ns / 1e9
+        self.sleeps += w.sleeps
+        self.wakeups += w.wakeups
+        w.sleeps = w.wakeups = 0
+        self.native_runs += 1
+        self._take_broken()
+        if reason == RUN_IO:
+            self._service_io(0)
+            self.next_io = time.monotonic() + IO_CHECK_S
+        elif reason in (RUN_PUNT, RUN_FAULTS):
+            engine.poll_once()  # the chain C left, or the ports whose memory went
+            self._take_broken()
+        elif reason == RUN_ERROR:
+            raise OSError(w.failed_errno, f"the switch's poll: {os.strerror(w.failed_errno)}")
+
+    def _take_broken(self) -> None:
+        if not self.engine.broken:
+            return
+        for port in self.engine.take_broken():
+            if port is self.uplink:
+                log.error("%s: uplink broken: %s; the host is cut off", port.label, port.broken)
+                self.set_uplink(None)
+            else:
+                self.remove_port(port, port.broken or "broken", fault=True)  # type: ignore[arg-type]
 
     def _adapt_poll(self, gap: float) -> None:
         """After a sleep that came `gap` seconds after the last work: grow the spin if a spin
@@ -212,20 +268,24 @@ class Switch:
                 port.tx.disable_notify()
 
     def _build_poller(self) -> select.poll:
+        """The poller, and the same fds for the native loop: `kick_owner` and `other_fds`."""
         poller = select.poll()
+        others = []
         if self.listener is not None:
-            poller.register(self.listener, select.POLLIN)
+            others.append(self.listener.fileno())
         if self.uplink is not None:
-            poller.register(self.uplink.fileno(), select.POLLIN)  # a wake-up only: the engine reads it
-        for fd in self.controls:
-            poller.register(fd, select.POLLIN)
+            others.append(self.uplink.fileno())  # a wake-up only: the engine reads it
+        others += self.controls
         self.kick_owner = {}
         for port in self.ports.values():
-            poller.register(port.fileno(), select.POLLIN)
+            others.append(port.fileno())
             for fd in port.kick_fds():
                 poller.register(fd, select.POLLIN)
                 self.kick_owner[fd] = port
             port.changed = False
+        for fd in others:
+            poller.register(fd, select.POLLIN)
+        self.other_fds = others
         return poller
 
     def _service_io(self, timeout_ms: int) -> None:
@@ -373,7 +433,7 @@ class Switch:
                           "uplink": True, "learned": learned.get(up.id, []), **up.counters()})
         stats = {"ports": len(self.ports), "fdb_entries": len(fdb), "floods": self.engine.floods,
                  "batches": self.engine.batches, "sleeps": self.sleeps, "wakeups": self.wakeups,
-                 "poll_us": round(self.poll_s * 1e6, 1),
+                 "poll_us": round(self.poll_s * 1e6, 1), "native_loop_runs": self.native_runs,
                  "interrupts_held": self.engine.coalescer.held_total,
                  "interrupts_saved": self.engine.coalescer.saved,
                  "interrupts_held_uselessly": self.engine.coalescer.useless,

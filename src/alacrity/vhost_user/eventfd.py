@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 #: How long a signal may wait before the watchdog interrupts it.
 STALL_S = 0.01
@@ -40,6 +41,8 @@ class _Watchdog:
         self.lock = threading.Lock()
         self.since: dict[int, float] = {}
         self.thread: threading.Thread | None = None
+        # threads that write eventfds from C: ident -> [reader of their count, last seen]
+        self.native: dict[int, list] = {}
 
     def enter(self) -> None:
         self.since[threading.get_ident()] = time.monotonic()
@@ -49,6 +52,23 @@ class _Watchdog:
     def leave(self) -> None:
         with self.lock:
             del self.since[threading.get_ident()]
+
+    def watch(self, read_count: Callable[[], int]) -> Callable[[], None]:
+        """Watch the calling thread's eventfd writes made from C: `read_count()` (read from the
+        watchdog's thread) is odd while that thread is inside a write. Seen odd and unchanged
+        on two rounds in a row, the write has slept for STALL_S at least: it gets the signal.
+        Returns the function that stops the watch."""
+        ident = threading.get_ident()
+        with self.lock:
+            self.native[ident] = [read_count, 0]
+        if self.thread is None:
+            self._start()
+
+        def unwatch() -> None:
+            with self.lock:
+                self.native.pop(ident, None)
+
+        return unwatch
 
     def _start(self) -> None:
         with self.lock:
@@ -66,9 +86,17 @@ class _Watchdog:
                     if since < late:
                         with contextlib.suppress(OSError):
                             signal.pthread_kill(ident, WAKE_SIGNAL)
+                for ident, seen in self.native.items():
+                    count = seen[0]()
+                    if count & 1 and count == seen[1]:
+                        with contextlib.suppress(OSError):
+                            signal.pthread_kill(ident, WAKE_SIGNAL)
+                    seen[1] = count
 
 
 _watchdog = _Watchdog()
+#: See `_Watchdog.watch`: for the switch's wake-up loop in C (switch/native/wakeup.c).
+watch_native = _watchdog.watch
 
 
 def install_handler() -> None:

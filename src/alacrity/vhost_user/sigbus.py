@@ -78,6 +78,15 @@ def total_faults() -> int:
     return _guard.loaded[1].guard_total_faults() if _guard.loaded is not None else 0
 
 
+def total_faults_function() -> int:
+    """The address of the C function behind `total_faults` (`uint64_t (*)(void)`), for C code
+    that checks it in a loop; 0 while the guard is not loaded."""
+    if _guard.loaded is None:
+        return 0
+    ffi, lib = _guard.loaded
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, "guard_total_faults")))
+
+
 def last_fault_address() -> int:
     return _guard.loaded[1].guard_last_address() if _guard.loaded is not None else 0
 

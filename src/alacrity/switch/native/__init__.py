@@ -1,4 +1,5 @@
-"""The switch engine's native fast path: fastpath.c, compiled with cffi (API mode).
+"""The switch engine's native fast path: fastpath.c and its wake-up loop wakeup.c, compiled
+with cffi (API mode).
 
 `load()` builds it on first use through `alacrity.native_build` (gcc and the Python headers
 are needed; cached by the hash of its sources in $XDG_CACHE_HOME/alacrity/native, else
@@ -21,7 +22,7 @@ from alacrity import native_build
 from alacrity.native_build import NativeUnavailable, cache_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SPEC = native_build.NativeSpec("_alacrity_fastpath_", HERE, "fastpath.h", "fastpath.c")
+SPEC = native_build.NativeSpec("_alacrity_fastpath_", HERE, "fastpath.h", "fastpath.c", ("wakeup.c",))
 
 _loaded: tuple[Any, Any] | None = None
 _failed: str | None = None

@@ -29,6 +29,7 @@ its rings change (noticed at the next poll).
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -38,9 +39,9 @@ from alacrity.switch.engine import BATCH, Engine
 from alacrity.switch.fdb import Fdb, FdbEntry
 from alacrity.switch.native import NativeUnavailable, load
 from alacrity.switch.offload import PortFault
-from alacrity.switch.port import TX, Port
+from alacrity.switch.port import TX, Port, VhostPort
 from alacrity.switch.tap import TapPort
-from alacrity.vhost_user import sigbus
+from alacrity.vhost_user import eventfd, sigbus
 from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import DeviceQueue
 from alacrity.virtio.net import mac_text
@@ -50,6 +51,8 @@ from alacrity.virtio.ring import QueueError
 SCRATCH_SEGS = 4096
 SCRATCH_CHAINS = 2048
 SW_REC = 16  # values per port in a sync-out record (fastpath.h)
+#: Why sw_run returned (SW_RUN_* in fastpath.h)
+RUN_IO, RUN_EINTR, RUN_TIMEOUT, RUN_PUNT, RUN_FAULTS, RUN_CALL, RUN_SIGNALS, RUN_ERROR = range(1, 9)
 _UNSET = object()
 
 
@@ -139,6 +142,39 @@ class _Slot:
         self.rx_native = self.tx_native = False
         self.rx_sync = self.tx_sync = (-1, -1)  # (last_avail, used_idx) as C and Python last agreed
         self.keep: list = []  # buffers C points into: alive while attached
+
+
+class WakeupLoop:
+    """What wakeup.c's loop keeps between calls (`struct sw_wait`): the spin, the counters it
+    gathers, the per-port arrays; and the eventfd watchdog's watch on the thread that runs it
+    (made by that thread: `NativeEngine.wakeup_loop`)."""
+
+    def __init__(self, ffi, lib) -> None:
+        self._ffi, self._lib = ffi, lib
+        self.c = ffi.new("struct sw_wait *")
+        self.c.timeout_ms = 1000
+        self.c.max_run_ns = 10_000_000  # Python's signal handlers wait at most this long
+        self.nports = -1
+        self._arrays: tuple = ()
+        self._unwatch = eventfd.watch_native(lambda: self.c.in_call)
+
+    def size(self, nports: int) -> None:
+        """Per-port arrays for `nports` ports (counters start again from nothing)."""
+        if nports == self.nports:
+            return
+        ffi, c, n = self._ffi, self.c, max(nports, 1)
+        self._arrays = (ffi.new("int32_t[]", 2 * n), ffi.new("int32_t[]", 2 * n), ffi.new("int64_t[]", n),
+                        ffi.new("int64_t[]", n))
+        c.calls, c.signals, c.kicks, c.interrupts = self._arrays
+        self.nports = nports
+
+    def faults(self):
+        """The SIGBUS guard's fault counter as a C function (NULL until the guard is loaded)."""
+        return self._ffi.cast("uint64_t (*)(void)", sigbus.total_faults_function())
+
+    def close(self) -> None:
+        self._unwatch()
+        self._lib.sw_wait_free(self.c)
 
 
 class NativeEngine(Engine):
@@ -427,7 +463,17 @@ class NativeEngine(Engine):
         n = lib.sw_finish(c, signals, self._out)
         if c.nout > 1 or self._out[0]:
             self._apply(c.nout)
-        for k in range(n):
+        self._deliver_signals(signals, 0, n)
+        self.release_held()
+        if work:
+            self.batches += 1
+        return work
+
+    def _deliver_signals(self, signals, start: int, end: int) -> None:
+        """Signal what sw_notify found in signals[start:end]: a ring C has, or (negative) one
+        that Python decides."""
+        order = self._order
+        for k in range(start, end):
             entry = signals[k]
             if entry >= 0:
                 self._signal(order[entry >> 1].port, entry & 1)
@@ -437,10 +483,67 @@ class NativeEngine(Engine):
                 queue = slot.txq if entry & 1 else slot.rxq
                 if slot.port.broken is None and queue is not None and queue.needs_notify():
                     self._signal(slot.port, entry & 1)
-        self.release_held()
-        if work:
-            self.batches += 1
-        return work
+
+    # -- the wake-up loop (wakeup.c)
+    def loop_ready(self) -> bool:
+        """May `run_loop` serve the switch now? Only while every running ring is native and
+        nothing needs Python between frames: no tap, no coalescing, no announcement, no dirty
+        log, no broken port waiting to be taken."""
+        if self.announced or self.taps or self.broken or self.coalescer.bounds.on or self.coalescer.held():
+            return False
+        self._refresh()
+        for slot in self._order:
+            port = slot.port
+            if not isinstance(port, VhostPort) or port.broken is not None:
+                return False
+            if port.tx is not None and (not slot.tx_native or slot.tx_logging is not None):
+                return False
+            if port.rx is not None and (not slot.rx_native or slot.rx_logging is not None):
+                return False
+        return True
+
+    def run_loop(self, loop: WakeupLoop, kicks: list[tuple[int, Port]], others: list[int]) -> int:
+        """Sleep, wake, forward and signal in C (`sw_run`) until Python has something to do;
+        returns why (SW_RUN_*). `kicks` are the TX kick fds and their ports, `others` the fds
+        that only Python serves. Call after `loop_ready()`. Afterwards the Python objects are
+        up to date, as after `poll_once`, and a call fd that failed has broken its port."""
+        lib, w = self._lib, loop.c
+        order = self._order
+        loop.size(len(order))
+        index = {slot.port.id: slot.index for slot in order}
+        fds = [fd for fd, _port in kicks] + others
+        owners = [index[port.id] for _fd, port in kicks]
+        if lib.sw_wait_fds(w, fds or [-1], owners or [0], len(fds), len(kicks)) < 0:
+            raise MemoryError("no room for the wake-up loop's fds")
+        for slot in order:
+            for ring in (0, 1):
+                fd = slot.port.call_fd(ring)
+                w.calls[2 * slot.index + ring] = -1 if fd is None else fd
+        w.batch = self.batch
+        w.faults = loop.faults()
+        w.faults_seen = self._faults_seen
+        reason = lib.sw_run(self._c, w)
+        self._sync_out()
+        for slot in order:
+            i = slot.index
+            if w.kicks[i]:
+                slot.port.kicks += w.kicks[i]
+                w.kicks[i] = 0
+            if w.interrupts[i]:
+                slot.port.interrupts += w.interrupts[i]
+                w.interrupts[i] = 0
+        self.batches += w.batches
+        w.batches = 0
+        if reason == RUN_CALL:
+            entry = w.failed_entry
+            err = w.failed_errno
+            what = ("the peer made its eventfd blocking and filled it" if err == errno.EPERM
+                    else os.strerror(err))
+            self._break(order[entry >> 1].port,
+                        f"{'TX' if entry & 1 else 'RX'} call fd: {OSError(err, what)}")
+        if reason in (RUN_CALL, RUN_SIGNALS):
+            self._deliver_signals(w.signals, w.next_signal, w.nsignals)
+        return reason
 
     def _drain_native(self, slot: _Slot, port: Port, txq: DeviceQueue, now: float, done: int) -> int:
         """`_drain` of a native TX ring from a punt on (C forwarded `done` chains before it): C

@@ -146,3 +146,53 @@ uint32_t sw_fdb_dump(struct sw_fdb *f, uint64_t *macs, int64_t *ports, double *s
 uint64_t sw_fdb_moves(struct sw_fdb *f);
 uint64_t sw_fdb_evictions(struct sw_fdb *f);
 void sw_fdb_set_counts(struct sw_fdb *f, uint64_t moves, uint64_t evictions);
+
+/* The wake-up loop (wakeup.c): why sw_run returned. */
+#define SW_RUN_IO 1
+#define SW_RUN_EINTR 2
+#define SW_RUN_TIMEOUT 3
+#define SW_RUN_PUNT 4
+#define SW_RUN_FAULTS 5
+#define SW_RUN_CALL 6
+#define SW_RUN_SIGNALS 7
+#define SW_RUN_ERROR 8
+
+struct sw_wait {
+    /* set by Python before each sw_run */
+    int32_t batch;
+    int32_t timeout_ms;         /* the longest sleep */
+    int64_t budget_ns;          /* Switch.poll_budget_s */
+    int64_t min_ns;             /* POLL_MIN_S */
+    int64_t spin_ns;            /* in and out: Switch.poll_s */
+    int64_t last_work_ns;       /* in and out: CLOCK_MONOTONIC */
+    int64_t io_check_ns;        /* IO_CHECK_S */
+    int64_t max_run_ns;         /* the longest a call runs without sleeping (then SW_RUN_TIMEOUT) */
+    int32_t adaptive;
+    int32_t pad;
+    int32_t *calls;             /* call fd of each ring, 2 * port index + ring; -1: none */
+    uint64_t (*faults)(void);   /* the SIGBUS guard's count of repaired faults, or NULL */
+    uint64_t faults_seen;
+    int32_t *signals;           /* scratch for sw_notify: 2 * nports */
+    /* out: counter deltas (Python takes and clears them) */
+    int64_t *kicks;             /* per port index */
+    int64_t *interrupts;        /* per port index */
+    int64_t sleeps;
+    int64_t wakeups;
+    int64_t batches;
+    int32_t failed_entry;       /* SW_RUN_CALL: the ring whose call fd failed */
+    int32_t failed_errno;       /* SW_RUN_CALL, SW_RUN_ERROR */
+    int32_t nsignals;           /* SW_RUN_CALL, SW_RUN_SIGNALS: signals[next_signal .. nsignals) */
+    int32_t next_signal;        /*   are left for Python */
+    uint64_t in_call;           /* odd while a call fd write is under way (the watchdog reads it) */
+    /* private: sw_wait_fds */
+    struct pollfd *pfds;        /* kick fds first, then those Python serves */
+    int32_t *kick_port;
+    int32_t nfds;
+    int32_t nkicks;
+};
+
+int32_t sw_wait_fds(struct sw_wait *w, const int32_t *fds, const int32_t *kick_port, int32_t nfds,
+                    int32_t nkicks);
+void sw_wait_free(struct sw_wait *w);
+void sw_adapt(struct sw_wait *w, int64_t gap_ns);
+int32_t sw_run(struct sw_engine *e, struct sw_wait *w);
