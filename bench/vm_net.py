@@ -47,6 +47,7 @@ from alacrity.devices import Slot  # noqa: E402
 from alacrity.devices.switch import SwitchDevice  # noqa: E402
 from alacrity.switch.coalesce import COALESCE_US  # noqa: E402
 from alacrity.switch.launcher import SwitchProcess  # noqa: E402
+from alacrity.switch.process import LOOP_ENV  # noqa: E402
 from alacrity.virtio.net import local_mac  # noqa: E402
 from alacrity.vm.image import default_image  # noqa: E402
 from alacrity.vm.qemu import VM, VmSpec  # noqa: E402
@@ -190,10 +191,19 @@ class SwitchRig:
     """Our switch process, fed every connection made to its per-VM sockets."""
 
     def __init__(self, c: Cleanup, poll_us: float | None = None, adaptive_poll: bool | None = None,
-                 coalesce_us: float = COALESCE_US) -> None:
-        with open(c.root / "switch.log", "ab") as log:
-            self.switch = SwitchProcess("bench", log_file=log, poll_us=poll_us, adaptive_poll=adaptive_poll,
-                                        coalesce_us=coalesce_us)
+                 coalesce_us: float = COALESCE_US, python_loop: bool = False) -> None:
+        saved = os.environ.get(LOOP_ENV)
+        if python_loop:  # the switch process inherits it
+            os.environ[LOOP_ENV] = "python"
+        try:
+            with open(c.root / "switch.log", "ab") as log:
+                self.switch = SwitchProcess("bench", log_file=log, poll_us=poll_us,
+                                            adaptive_poll=adaptive_poll, coalesce_us=coalesce_us)
+        finally:
+            if saved is None:
+                os.environ.pop(LOOP_ENV, None)
+            else:
+                os.environ[LOOP_ENV] = saved
         self.ctl = self.switch.control
         self.listeners = []
         self.stopping = False
@@ -288,6 +298,9 @@ def main() -> int:
     parser.add_argument("--also-coalesce-us", type=float, action="append", default=[],
                         help="also run a switch that holds interrupts up to this long (coalescing; "
                              "repeat for several), alternating with the others")
+    parser.add_argument("--also-python-loop", action="store_true",
+                        help="also run a switch whose loop stays in Python (the reference) instead of "
+                             "the C wake-up loop, alternating with the others")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("run as root (taps and a bridge are made for the baseline)")
@@ -295,7 +308,7 @@ def main() -> int:
     spin = f"ours-spin{args.also_poll_us:g}" if args.also_poll_us is not None else None
     held = {f"ours-coalesce{us:g}": us for us in args.also_coalesce_us}
     kinds = (["ours", "bridge"] + ([spin] if spin else []) + list(held)
-             + (["ours-jailed"] if args.jailed else []))
+             + (["ours-pyloop"] if args.also_python_loop else []) + (["ours-jailed"] if args.jailed else []))
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     with Cleanup(prefix="alacrity-vmnet-") as c:
         tag = str(os.getpid() % 10000)
@@ -307,6 +320,8 @@ def main() -> int:
             # `spin`: a second switch with a fixed spin, for a side-by-side look at the polling policy
             if kind == spin:
                 rig = SwitchRig(c, args.also_poll_us, False)
+            elif kind == "ours-pyloop":
+                rig = SwitchRig(c, args.poll_us, args.adaptive_poll, python_loop=True)
             else:
                 rig = SwitchRig(c, args.poll_us, args.adaptive_poll, held.get(kind, COALESCE_US))
             rigs[kind] = rig
