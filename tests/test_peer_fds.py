@@ -36,6 +36,7 @@ from alacrity.switch.engines import make_engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import RX, TX, NetSession
 from alacrity.switch.process import LOOP_ENV
+from alacrity.vhost_user import eventfd
 from alacrity.vhost_user.backend import Backend, eventfd_problem, fd_kind
 from alacrity.vhost_user.eventfd import notify
 from alacrity.vhost_user.frontend import Frontend
@@ -583,3 +584,67 @@ def test_notify_is_interrupted_rather_than_blocking_on_a_full_blocking_eventfd()
 
 if __name__ == "__main__":
     sys.exit(_peer_main(sys.argv[1], sys.argv[2]))
+
+
+def _wait_parked(timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not eventfd._watchdog.parked.value:
+        assert time.monotonic() < deadline, "the watchdog never parked"
+        time.sleep(0.05)
+
+
+def test_a_parked_watchdog_wakes_for_the_next_write_that_stalls() -> None:
+    """With nothing to watch the watchdog parks (no more 100 wake-ups a second in an idle
+    daemon or switch); a write that then stalls wakes it, and is interrupted as soon as
+    ever, not at the parked watchdog's once-a-second look."""
+    call = os.eventfd(0)  # blocking
+    os.eventfd_write(call, U64_FULL)
+    try:
+        notify(os.eventfd(0, os.EFD_NONBLOCK))  # the watchdog exists
+        _wait_parked()
+        started = time.monotonic()
+        with pytest.raises(OSError) as raised:
+            notify(call)
+        assert raised.value.errno == errno.EPERM
+        assert time.monotonic() - started < 0.5
+        assert not eventfd._watchdog.parked.value
+    finally:
+        os.close(call)
+
+
+def test_an_idle_switch_lets_its_watchdog_sleep_and_still_catches_a_stalled_call(rig: Rig) -> None:
+    """After traffic the switch goes idle: within a few seconds its watchdog thread stops
+    waking (a handful of context switches a second at most, against 100 while it ticks).
+    A port that then stalls a call write is still broken at once, the others untouched."""
+    a, b = neighbours(rig)
+    deadline = time.monotonic() + 5
+    while True:
+        # the switch's only thread besides its main one is the watchdog
+        watchdog = [t for t in os.listdir(f"/proc/{rig.proc.pid}/task") if int(t) != rig.proc.pid]
+        if watchdog:
+            status = Path(f"/proc/{rig.proc.pid}/task/{watchdog[0]}/status")
+            before = _switches(status)
+            time.sleep(1.0)
+            if _switches(status) - before <= 5:
+                break
+        assert time.monotonic() < deadline, "the switch's watchdog kept ticking while idle"
+        time.sleep(0.5)
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        nic = hostile_port(rig, "call", call)
+        os.set_blocking(call, True)
+        os.eventfd_write(call, U64_FULL)
+        nic.driver.txq.enable_interrupts()
+        started = time.monotonic()
+        nic.send(frame(nic.mac, nic.mac, b"ring my bell"))
+        rig.wait_for(lambda: vn.mac_text(nic.mac) not in rig.ports(), timeout=5)
+        assert time.monotonic() - started < 0.5
+        assert_neighbours_move(a, b)
+        nic.close()
+    finally:
+        os.close(call)
+
+
+def _switches(status: Path) -> int:
+    fields = dict(line.split(":\t") for line in status.read_text().splitlines() if ":\t" in line)
+    return int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])

@@ -47,12 +47,12 @@ def test_the_reasons_sw_run_gives_are_the_ones_python_reads():
 def test_the_native_spin_adapts_as_the_python_one_does(tmp_path_factory, budget_us: int, gaps_us: list[int]):
     ffi, lib = native.load()
     control = str(tmp_path_factory.mktemp("adapt") / "ctl")
-    switch = Switch(control, poll_budget_s=budget_us * 1e-6, engine="python")
+    switch = Switch(control, poll_budget_s=budget_us / 1e6, engine="python")
     try:
         w = ffi.new("struct sw_wait *")
         w.budget_ns, w.min_ns, w.spin_ns = budget_us * 1000, int(POLL_MIN_S * 1e9), budget_us * 1000
         for gap in gaps_us:
-            switch._adapt_poll(gap * 1e-6)
+            switch._adapt_poll(gap / 1e6)
             lib.sw_adapt(w, gap * 1000)
             # C halves whole nanoseconds: rounding apart, the same spin
             assert w.spin_ns == pytest.approx(switch.poll_s * 1e9, rel=1e-3, abs=2), (gap, switch.poll_s)

@@ -157,6 +157,8 @@ class WakeupLoop:
         self.nports = -1
         self._arrays: tuple = ()
         self._unwatch = eventfd.watch_native(lambda: self.c.in_call)
+        parked, self.c.watch_wake = eventfd.watchdog_parking()
+        self.c.watch_parked = ffi.cast("int32_t *", parked)
 
     def size(self, nports: int) -> None:
         """Per-port arrays for `nports` ports (counters start again from nothing)."""

@@ -184,6 +184,9 @@ struct sw_wait {
     int32_t nsignals;           /* SW_RUN_CALL, SW_RUN_SIGNALS: signals[next_signal .. nsignals) */
     int32_t next_signal;        /*   are left for Python */
     uint64_t in_call;           /* odd while a call fd write is under way (the watchdog reads it) */
+    int32_t *watch_parked;      /* non-zero while the watchdog is parked (eventfd.py's parking()) */
+    int32_t watch_wake;         /*   and the eventfd that wakes it */
+    int32_t pad3;
     /* private: sw_wait_fds */
     struct pollfd *pfds;        /* kick fds first, then those Python serves */
     int32_t *kick_port;

@@ -18,7 +18,8 @@
  * Call fds are the peer's (it shares their file flags: see vhost_user/eventfd.py). A write is
  * bracketed by an odd `in_call` count; Python's eventfd watchdog thread sends a signal to
  * this thread when it sees the same odd count twice, and the write fails with EINTR instead
- * of sleeping on: EPERM for Python, which breaks that port alone.
+ * of sleeping on: EPERM for Python, which breaks that port alone. The watchdog parks while
+ * nothing writes; a write that finds it parked wakes it first (`watch_parked`, `watch_wake`).
  */
 
 #define _GNU_SOURCE
@@ -98,6 +99,8 @@ static int call(struct sw_wait *w, int fd)
 {
     static const uint64_t one = 1;
     __atomic_add_fetch(&w->in_call, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(w->watch_parked, __ATOMIC_SEQ_CST)) /* after our mark: see eventfd.py */
+        (void)!write(w->watch_wake, &one, sizeof(one));
     ssize_t n = write(fd, &one, sizeof(one));
     int err = errno;
     __atomic_add_fetch(&w->in_call, 1, __ATOMIC_SEQ_CST);
