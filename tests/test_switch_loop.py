@@ -63,7 +63,8 @@ def test_the_native_spin_adapts_as_the_python_one_does(tmp_path_factory, budget_
 def test_frames_kicks_and_interrupts_through_either_loop(rig: Rig, request: pytest.FixtureRequest):
     """Frames 2 ms apart, so that the switch sleeps between them: each arrives, the sleeps
     end in kicks, and each frame costs the receiver the interrupt it asked for, no more.
-    The native loop is the one that served them, unless Python's was asked for."""
+    The native loop is the one that served them, without handing back to Python per frame,
+    unless Python's was asked for."""
     a, b = rig.client(), rig.client()
     b.send(frame(b"\xff" * 6, b.mac, b"hello"))
     assert a.recv(5) is not None
@@ -83,7 +84,11 @@ def test_frames_kicks_and_interrupts_through_either_loop(rig: Rig, request: pyte
     assert ports[receiver]["interrupts"] - ports_before[receiver]["interrupts"] == 40
     assert after["stats"]["sleeps"] - before["stats"]["sleeps"] >= 20
     runs = after["stats"]["native_loop_runs"]
-    assert runs > 0 if "native" in request.node.callspec.id else runs == 0
+    if "native" in request.node.callspec.id:
+        # frames alone never hand the loop back to Python (the stats requests do)
+        assert 0 < runs - before["stats"]["native_loop_runs"] <= 5
+    else:
+        assert runs == 0
 
 
 def test_control_and_signals_are_answered_while_the_native_loop_sleeps(tmp_path: Path):

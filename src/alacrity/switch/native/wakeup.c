@@ -232,6 +232,7 @@ int32_t sw_run(struct sw_engine *e, struct sw_wait *w)
         if (w->adaptive)
             sw_adapt(w, t - w->last_work_ns);
         w->last_work_ns = t; /* poll a while after every wake-up */
+        until = t + w->max_run_ns; /* the bound is on work without a sleep */
         if (n < 0) {
             w->failed_errno = err;
             return err == EINTR ? SW_RUN_EINTR : SW_RUN_ERROR;
