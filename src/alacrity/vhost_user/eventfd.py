@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 #: How long a signal may wait before the watchdog interrupts it.
 STALL_S = 0.01
+#: Synchronous faults: never blocked (the SIGBUS guard needs its signal in every thread).
+_FAULTS = {signal.SIGBUS, signal.SIGSEGV, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGABRT}
 #: Rounds without a write to watch before the watchdog parks (at STALL_S each: a second).
 IDLE_ROUNDS = 100
 #: A parked watchdog still looks this often (a safety net: a writer wakes it).
@@ -111,6 +113,9 @@ class _Watchdog:
                 self.thread.start()
 
     def _run(self) -> None:
+        # Signals for the process go to the threads that serve it, never here: the switch's
+        # C loop lets them in only while it sleeps, so that they end the sleep (wakeup.c).
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULTS)
         idle = 0
         while True:
             if self.parked.value:

@@ -5,6 +5,7 @@ RING_F_INDIRECT_DESC = 28
 RING_F_EVENT_IDX = 29
 F_VERSION_1 = 32
 F_ACCESS_PLATFORM = 33
+F_IN_ORDER = 35  # the device uses buffers in the order they were made available
 
 STATUS_DEVICE_NEEDS_RESET = 0x40
 

@@ -25,6 +25,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/uio.h>
@@ -191,7 +193,27 @@ void sw_wait_free(struct sw_wait *w)
     w->nfds = w->nkicks = 0;
 }
 
+static int32_t run(struct sw_engine *e, struct sw_wait *w, const sigset_t *awake);
+
+/* Signals (SIGTERM...) are blocked while C runs and let in only while it sleeps (ppoll), so
+ * that one always ends the sleep with EINTR and Python runs its handler at once: a signal
+ * that came while C was forwarding would otherwise only set Python's flag, and the loop
+ * could sleep and wake on kicks for ever without looking at it. SIGURG (the eventfd
+ * watchdog's) stays open for the call fd writes; faults stay open for the SIGBUS guard. */
 int32_t sw_run(struct sw_engine *e, struct sw_wait *w)
+{
+    sigset_t block, awake;
+    sigfillset(&block);
+    static const int open_signals[] = {SIGURG, SIGBUS, SIGSEGV, SIGFPE, SIGILL, SIGTRAP, SIGABRT};
+    for (size_t k = 0; k < sizeof(open_signals) / sizeof(open_signals[0]); k++)
+        sigdelset(&block, open_signals[k]);
+    pthread_sigmask(SIG_BLOCK, &block, &awake);
+    int32_t reason = run(e, w, &awake);
+    pthread_sigmask(SIG_SETMASK, &awake, NULL); /* a signal that waited is handled now */
+    return reason;
+}
+
+static int32_t run(struct sw_engine *e, struct sw_wait *w, const sigset_t *awake)
 {
     int64_t next_io = 0, until = now_ns() + w->max_run_ns;
     for (;;) {
@@ -224,7 +246,8 @@ int32_t sw_run(struct sw_engine *e, struct sw_wait *w)
             continue;
         }
         w->sleeps++;
-        int n = poll(w->pfds, (nfds_t)w->nfds, w->timeout_ms);
+        struct timespec timeout = {w->timeout_ms / 1000, (long)(w->timeout_ms % 1000) * 1000000L};
+        int n = ppoll(w->pfds, (nfds_t)w->nfds, &timeout, awake);
         int err = errno;
         w->wakeups++;
         disarm(e);
