@@ -35,7 +35,6 @@ from alacrity.switch.engine import Engine
 from alacrity.switch.engines import make_engine
 from alacrity.switch.fdb import Fdb
 from alacrity.switch.port import RX, TX, NetSession
-from alacrity.switch.process import LOOP_ENV
 from alacrity.vhost_user import eventfd
 from alacrity.vhost_user.backend import Backend, eventfd_problem, fd_kind
 from alacrity.vhost_user.eventfd import notify
@@ -56,7 +55,7 @@ from alacrity.virtio.driver_queue import RingLayout
 from alacrity.virtio.features import F_VERSION_1, RING_F_EVENT_IDX, bit
 from tests.conftest import Daemon, fuse_available, need
 from tests.test_switch_engine import Clock, Host, frame
-from tests.test_switch_process import Rig
+from tests.test_switch_process import Rig, rig_with_loop
 
 ROOT = Path(__file__).parent.parent
 ROLES = ("kick", "call", "err")
@@ -417,14 +416,8 @@ class HostileNic(NetClient):
 
 @pytest.fixture(params=["native", "python"], ids=["native-loop", "python-loop"])
 def rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Rig]:
-    """A switch whose loop is wakeup.c's or the Python reference: each writes the call fds
-    itself, each under the eventfd watchdog."""
-    monkeypatch.setenv(LOOP_ENV, request.param)
-    r = Rig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
+    """Either loop writes the call fds itself, each under the eventfd watchdog."""
+    yield from rig_with_loop(tmp_path, monkeypatch, request.param)
 
 
 def hostile_port(rig: Rig, role: str, fd: int) -> HostileNic:
@@ -499,17 +492,26 @@ def test_a_call_fd_made_blocking_again_breaks_only_its_port(rig: Rig) -> None:
     fills the counter, so a signal would block the switch. The watchdog interrupts that
     write: that port goes, every other port carries on."""
     a, b = neighbours(rig)
+    stall_a_call(rig, a, b)
+    assert rig.proc.poll() is None and len(rig.ports()) == 2
+
+
+def stall_a_call(rig: Rig, a: NetClient, b: NetClient) -> float:
+    """A port whose peer made its call fd blocking and filled it sends a frame: seconds until
+    that port is gone; `a` and `b` still trade frames afterwards."""
     call = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         nic = hostile_port(rig, "call", call)
         os.set_blocking(call, True)
         os.eventfd_write(call, U64_FULL)
         nic.driver.txq.enable_interrupts()
+        started = time.monotonic()
         nic.send(frame(nic.mac, nic.mac, b"ring my bell"))
         rig.wait_for(lambda: vn.mac_text(nic.mac) not in rig.ports(), timeout=5)
+        took = time.monotonic() - started
         assert_neighbours_move(a, b)
-        assert rig.proc.poll() is None and len(rig.ports()) == 2
         nic.close()
+        return took
     finally:
         os.close(call)
 
@@ -629,20 +631,7 @@ def test_an_idle_switch_lets_its_watchdog_sleep_and_still_catches_a_stalled_call
                 break
         assert time.monotonic() < deadline, "the switch's watchdog kept ticking while idle"
         time.sleep(0.5)
-    call = os.eventfd(0, os.EFD_NONBLOCK)
-    try:
-        nic = hostile_port(rig, "call", call)
-        os.set_blocking(call, True)
-        os.eventfd_write(call, U64_FULL)
-        nic.driver.txq.enable_interrupts()
-        started = time.monotonic()
-        nic.send(frame(nic.mac, nic.mac, b"ring my bell"))
-        rig.wait_for(lambda: vn.mac_text(nic.mac) not in rig.ports(), timeout=5)
-        assert time.monotonic() - started < 0.5
-        assert_neighbours_move(a, b)
-        nic.close()
-    finally:
-        os.close(call)
+    assert stall_a_call(rig, a, b) < 0.5
 
 
 def _switches(status: Path) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from alacrity.client.net import NetClient, NetError
-from alacrity.switch.process import Control
+from alacrity.switch.process import LOOP_ENV, Control
 from alacrity.virtio import net as vn
 
 BROADCAST = b"\xff" * 6
@@ -66,6 +66,16 @@ class Rig:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def rig_with_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str) -> Iterator[Rig]:
+    """A switch whose loop is wakeup.c's ("native") or the Python reference ("python")."""
+    monkeypatch.setenv(LOOP_ENV, loop)
+    r = Rig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 @pytest.fixture

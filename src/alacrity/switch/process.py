@@ -31,7 +31,9 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -103,6 +105,7 @@ class Switch:
         self.poller: select.poll | None = None
         self.kick_owner: dict[int, VhostPort] = {}
         self.other_fds: list[int] = []  # what the poller watches besides the kick fds
+        self.signal_fd = -1  # read end of the signal wake-up pipe, while `run` runs
         self.last_work = self.next_io = 0.0
         if native_loop is None:
             native_loop = os.environ.get(LOOP_ENV, "native") != "python"
@@ -161,8 +164,18 @@ class Switch:
     def run(self) -> None:
         """Serve until stopped: in C (`_step_native`) whenever the engine can, else in Python
         (`_step`, the reference, and what serves a tap, coalescing or a dirty log)."""
+        # Signals end any sleep, Python's or C's, through the wake-up fd that CPython's handler
+        # writes (a flag alone would wait for the next return to Python).
+        wakeup = None
+        if threading.current_thread() is threading.main_thread():
+            self.signal_fd, wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            previous = signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
+            self.poller = None
         if self.native_loop and isinstance(self.engine, NativeEngine):
             self.loop = WakeupLoop(*load_native())  # watched by the eventfd watchdog: this thread
+            w = self.loop.c
+            w.budget_ns, w.min_ns = int(self.poll_budget_s * 1e9), int(POLL_MIN_S * 1e9)
+            w.io_check_ns, w.adaptive = int(IO_CHECK_S * 1e9), self.adaptive_poll
         try:
             while not self.stopping:
                 if self.loop is not None and self.engine.loop_ready():  # type: ignore[attr-defined]
@@ -173,6 +186,11 @@ class Switch:
             if self.loop is not None:
                 self.loop.close()
                 self.loop = None
+            if wakeup is not None:
+                signal.set_wakeup_fd(previous)
+                os.close(wakeup)
+                os.close(self.signal_fd)
+                self.signal_fd = -1
 
     def _step(self) -> None:
         engine = self.engine
@@ -206,8 +224,6 @@ class Switch:
         if self.poller is None or any(p.changed for p in self.ports.values()):
             self.poller = self._build_poller()
         w = loop.c
-        w.budget_ns, w.min_ns = int(self.poll_budget_s * 1e9), int(POLL_MIN_S * 1e9)
-        w.io_check_ns, w.adaptive = int(IO_CHECK_S * 1e9), self.adaptive_poll
         w.spin_ns, w.last_work_ns = int(self.poll_s * 1e9), int(self.last_work * 1e9)
         reason = engine.run_loop(loop, list(self.kick_owner.items()), self.other_fds)
         self.poll_s, self.last_work = w.spin_ns / 1e9, w.last_work_ns / 1e9
@@ -276,6 +292,8 @@ class Switch:
         if self.uplink is not None:
             others.append(self.uplink.fileno())  # a wake-up only: the engine reads it
         others += self.controls
+        if self.signal_fd >= 0:
+            others.append(self.signal_fd)
         self.kick_owner = {}
         for port in self.ports.values():
             others.append(port.fileno())
@@ -308,6 +326,10 @@ class Switch:
                 self.poller = None
             elif fd in self.controls:
                 self._service_control(self.controls[fd])
+            elif fd == self.signal_fd:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(fd, 512):  # the handlers have run, or run at the next bytecode
+                        pass
 
     def _take_kick(self, port: VhostPort, fd: int) -> None:
         if port.id not in self.ports:

@@ -24,8 +24,6 @@ from collections.abc import Callable
 
 #: How long a signal may wait before the watchdog interrupts it.
 STALL_S = 0.01
-#: Synchronous faults: never blocked (the SIGBUS guard needs its signal in every thread).
-_FAULTS = {signal.SIGBUS, signal.SIGSEGV, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGABRT}
 #: Rounds without a write to watch before the watchdog parks (at STALL_S each: a second).
 IDLE_ROUNDS = 100
 #: A parked watchdog still looks this often (a safety net: a writer wakes it).
@@ -113,9 +111,6 @@ class _Watchdog:
                 self.thread.start()
 
     def _run(self) -> None:
-        # Signals for the process go to the threads that serve it, never here: the switch's
-        # C loop lets them in only while it sleeps, so that they end the sleep (wakeup.c).
-        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals() - _FAULTS)
         idle = 0
         while True:
             if self.parked.value:
@@ -152,12 +147,17 @@ class _Watchdog:
             if count & 1 and count == seen[1]:
                 with contextlib.suppress(OSError):
                     signal.pthread_kill(ident, WAKE_SIGNAL)
-            busy = busy or count != seen[1] or bool(count & 1)
+            busy = busy or _moved(count, seen[1])
             seen[1] = count
         return busy
 
     def _marked(self) -> bool:
-        return bool(self.since) or any(seen[0]() != seen[1] or seen[0]() & 1 for seen in self.native.values())
+        return bool(self.since) or any(_moved(read(), last) for read, last in self.native.values())
+
+
+def _moved(count: int, last: int) -> bool:
+    """A C writer's count: has it written since `last`, or is it writing now?"""
+    return count != last or bool(count & 1)
 
 
 _watchdog = _Watchdog()
@@ -204,9 +204,15 @@ def notify(eventfd: int) -> None:
     err = ctypes.get_errno()
     if err == errno.EAGAIN:
         return
-    if err == errno.EINTR:
-        raise OSError(errno.EPERM, "the peer made its eventfd blocking and filled it")
-    raise OSError(err, os.strerror(err))
+    raise write_error(errno.EPERM if err == errno.EINTR else err)
+
+
+def write_error(err: int) -> OSError:
+    """The error a failed signal raises: EPERM is the watchdog's (a write that slept on a full
+    counter of a fd the peer made blocking again); the C loop's writes report the same."""
+    if err == errno.EPERM:
+        return OSError(err, "the peer made its eventfd blocking and filled it")
+    return OSError(err, os.strerror(err))
 
 
 def drain(eventfd: int) -> bool:

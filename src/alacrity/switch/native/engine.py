@@ -29,7 +29,6 @@ its rings change (noticed at the next poll).
 
 from __future__ import annotations
 
-import errno
 import os
 import struct
 import time
@@ -147,13 +146,12 @@ class _Slot:
 class WakeupLoop:
     """What wakeup.c's loop keeps between calls (`struct sw_wait`): the spin, the counters it
     gathers, the per-port arrays; and the eventfd watchdog's watch on the thread that runs it
-    (made by that thread: `NativeEngine.wakeup_loop`)."""
+    (so made by that thread: `Switch.run`)."""
 
     def __init__(self, ffi, lib) -> None:
         self._ffi, self._lib = ffi, lib
         self.c = ffi.new("struct sw_wait *")
         self.c.timeout_ms = 1000
-        self.c.max_run_ns = 10_000_000  # Python's signal handlers wait at most this long
         self.nports = -1
         self._arrays: tuple = ()
         self._unwatch = eventfd.watch_native(lambda: self.c.in_call)
@@ -538,11 +536,8 @@ class NativeEngine(Engine):
         w.batches = 0
         if reason == RUN_CALL:
             entry = w.failed_entry
-            err = w.failed_errno
-            what = ("the peer made its eventfd blocking and filled it" if err == errno.EPERM
-                    else os.strerror(err))
             self._break(order[entry >> 1].port,
-                        f"{'TX' if entry & 1 else 'RX'} call fd: {OSError(err, what)}")
+                        f"{'TX' if entry & 1 else 'RX'} call fd: {eventfd.write_error(w.failed_errno)}")
         if reason in (RUN_CALL, RUN_SIGNALS):
             self._deliver_signals(w.signals, w.next_signal, w.nsignals)
         return reason

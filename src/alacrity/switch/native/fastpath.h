@@ -166,7 +166,6 @@ struct sw_wait {
     int64_t spin_ns;            /* in and out: Switch.poll_s */
     int64_t last_work_ns;       /* in and out: CLOCK_MONOTONIC */
     int64_t io_check_ns;        /* IO_CHECK_S */
-    int64_t max_run_ns;         /* the longest a call runs without sleeping (then SW_RUN_TIMEOUT) */
     int32_t adaptive;
     int32_t pad;
     int32_t *calls;             /* call fd of each ring, 2 * port index + ring; -1: none */

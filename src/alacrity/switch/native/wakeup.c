@@ -10,8 +10,8 @@
  *
  * sw_run returns whenever Python has something to do, with every moved index and counter
  * still in C (Python syncs them out, as after sw_poll): a readable socket or any fd with an
- * error (SW_RUN_IO), a signal (EINTR: Python runs its handlers), a sleep that timed out or
- * max_run_ns of work without a sleep (Python's signal handlers run only between calls), a
+ * error (SW_RUN_IO; a signal is one: Python's wake-up fd, set by Switch.run, is among the fds
+ * Python serves, so a signal that comes while C forwards is seen too), a sleep that timed out, a
  * chain the C path cannot take (SW_RUN_PUNT, after signalling what this poll moved), a SIGBUS
  * the guard repaired, a call fd that failed, or a ring whose signal Python decides.
  *
@@ -25,8 +25,6 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/uio.h>
@@ -193,29 +191,9 @@ void sw_wait_free(struct sw_wait *w)
     w->nfds = w->nkicks = 0;
 }
 
-static int32_t run(struct sw_engine *e, struct sw_wait *w, const sigset_t *awake);
-
-/* Signals (SIGTERM...) are blocked while C runs and let in only while it sleeps (ppoll), so
- * that one always ends the sleep with EINTR and Python runs its handler at once: a signal
- * that came while C was forwarding would otherwise only set Python's flag, and the loop
- * could sleep and wake on kicks for ever without looking at it. SIGURG (the eventfd
- * watchdog's) stays open for the call fd writes; faults stay open for the SIGBUS guard. */
 int32_t sw_run(struct sw_engine *e, struct sw_wait *w)
 {
-    sigset_t block, awake;
-    sigfillset(&block);
-    static const int open_signals[] = {SIGURG, SIGBUS, SIGSEGV, SIGFPE, SIGILL, SIGTRAP, SIGABRT};
-    for (size_t k = 0; k < sizeof(open_signals) / sizeof(open_signals[0]); k++)
-        sigdelset(&block, open_signals[k]);
-    pthread_sigmask(SIG_BLOCK, &block, &awake);
-    int32_t reason = run(e, w, &awake);
-    pthread_sigmask(SIG_SETMASK, &awake, NULL); /* a signal that waited is handled now */
-    return reason;
-}
-
-static int32_t run(struct sw_engine *e, struct sw_wait *w, const sigset_t *awake)
-{
-    int64_t next_io = 0, until = now_ns() + w->max_run_ns;
+    int64_t next_io = 0;
     for (;;) {
         if (w->faults && w->faults() != w->faults_seen)
             return SW_RUN_FAULTS; /* poll_once finds the ports whose memory it was */
@@ -233,10 +211,8 @@ static int32_t run(struct sw_engine *e, struct sw_wait *w, const sigset_t *awake
         }
         if (work || t - w->last_work_ns < w->spin_ns) {
             if (t >= next_io) { /* under load too, a stopping VM waits on GET_VRING_BASE */
-                if (io_ready(w))
+                if (io_ready(w)) /* a signal too: its wake-up fd is one of these */
                     return SW_RUN_IO;
-                if (t >= until)
-                    return SW_RUN_TIMEOUT; /* a signal that came meanwhile interrupted nothing */
                 next_io = t + w->io_check_ns;
             }
             continue;
@@ -246,8 +222,7 @@ static int32_t run(struct sw_engine *e, struct sw_wait *w, const sigset_t *awake
             continue;
         }
         w->sleeps++;
-        struct timespec timeout = {w->timeout_ms / 1000, (long)(w->timeout_ms % 1000) * 1000000L};
-        int n = ppoll(w->pfds, (nfds_t)w->nfds, &timeout, awake);
+        int n = poll(w->pfds, (nfds_t)w->nfds, w->timeout_ms);
         int err = errno;
         w->wakeups++;
         disarm(e);
@@ -255,7 +230,6 @@ static int32_t run(struct sw_engine *e, struct sw_wait *w, const sigset_t *awake
         if (w->adaptive)
             sw_adapt(w, t - w->last_work_ns);
         w->last_work_ns = t; /* poll a while after every wake-up */
-        until = t + w->max_run_ns; /* the bound is on work without a sleep */
         if (n < 0) {
             w->failed_errno = err;
             return err == EINTR ? SW_RUN_EINTR : SW_RUN_ERROR;
