@@ -15,12 +15,12 @@ import pytest
 
 from alacrity.devices import Slot
 from alacrity.devices.blk import BlkDevice
-from alacrity.vm.accel import choose_accel
+from alacrity.vm.accel import AccelChoice, choose_accel
 from alacrity.vm.cpio import CpioWriter, read_newc
 from alacrity.vm.image import GuestImage, default_image
 from alacrity.vm.machine import virtio_device
 from alacrity.vm.modules import parse_modules_dep, resolve
-from alacrity.vm.qemu import QEMU, VM, VmSpec, build_command
+from alacrity.vm.qemu import QEMU, TCG_SAFE_MIGRATION, VM, VmSpec, build_command, qemu_version, ram_size
 from alacrity.vm.qmp import QmpClient
 from alacrity.vm.runtime import VmError, list_vms, stop_vm
 
@@ -104,7 +104,14 @@ def test_command_line_per_machine(tmp_path: Path) -> None:
     append = args[args.index("-append") + 1]
     assert "tsc_early_khz=" in append
     assert f"alacrity.cmd={base64.b64encode(b'exit 7').decode()}" in append
-    assert "memory-backend-memfd,id=mem,size=512M,share=on" in args
+    ram = args[args.index("-m") + 1]
+    assert f"memory-backend-memfd,id=mem,size={ram},share=on" in args
+    if qemu_version() < TCG_SAFE_MIGRATION:  # not a multiple of 64 pages: qemu.TCG_RAM_PAD_KIB
+        kib = int(ram.removesuffix("K"))
+        assert ram.endswith("K") and kib >= 512 * 1024 and kib * 1024 % (64 * 4096) != 0, ram
+    else:
+        assert ram == "512M"
+    assert ram_size(512, AccelChoice("kvm", "KVM logs dirty pages itself")) == "512M"
     assert "vhost-user-blk-pci,chardev=vu0,num-queues=1" in BlkDevice.qemu_args(
         Slot("disk0", "/s.sock", "pci", "t", "vu0", 0))
     assert virtio_device("virtio-net", "pc", netdev="n0", vectors=0) == \

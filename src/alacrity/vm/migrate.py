@@ -35,6 +35,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from . import jail
+from .memcheck import compare_guests
 from .qemu import VM, VmSpec, chardev_sockets, spec_from_fields
 from .qmp import QmpClient, QmpError
 from .runtime import VmError, VmRecord, find_vm, is_alive, kill_group, write_record
@@ -114,12 +116,17 @@ def _hello_line(sock: socket.socket) -> str:
 
 
 def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s: float | None = None,
-            on_progress: Callable[[dict], None] | None = None, timeout_s: float = 3600.0) -> VmRecord | None:
+            on_progress: Callable[[dict], None] | None = None, timeout_s: float = 3600.0,
+            verify: Callable[[int], None] | None = None) -> VmRecord | None:
     """Move VM `name` into a new QEMU: here (its new record), or `to` tcp:HOST:PORT where
     `vm run --incoming` waits with `token` (None: it runs there now). MigrationError if it
-    did not move (the source then runs on)."""
+    did not move (the source then runs on). `verify` (here only): compare both QEMUs' guest
+    memory at the switch-over, refuse the move if a page differs, else call `verify` with
+    the bytes compared."""
     source = source_of(name)
     if to is not None:
+        if verify is not None:
+            raise MigrationError("--verify compares the two QEMUs' memory on one host: not with --to")
         return _migrate_away(source, to, token, max_downtime_s, on_progress, time.monotonic() + timeout_s)
     home = Path(source.dir)
     spec = spec_from_fields(source.spec or {})
@@ -140,6 +147,8 @@ def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s
             theirs.close()
             follow(source.qmp, watch, partial(_check_alive, dest), on_progress,
                    time.monotonic() + timeout_s)
+            if verify is not None:
+                verify(_verify_memory(source, dest))
     except BaseException as exc:
         dest.kill()
         shutil.rmtree(dest.run_dir, ignore_errors=True)
@@ -166,6 +175,26 @@ def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s
             f"was at the switch-over, and is not resumed: 'alacrity vm stop {name}' ends it{diagnostics}") \
             from None
     return _promote(source, dest)
+
+
+def _verify_memory(source: VmRecord, dest: VM) -> int:
+    """Both QEMUs hold the VM paused, the source having sent it all: their guest memory
+    must be equal (vm/memcheck.py). The bytes compared; MigrationError if a page differs."""
+    source_pid = jail.jailed_pid(source.pid) if source.jail_uid is not None else source.pid
+    dest_pid = dest.qemu_pid()
+    if source_pid is None or dest_pid is None:
+        raise MigrationError("--verify: a QEMU went away before its memory was compared")
+    try:
+        size, pages = compare_guests(source_pid, dest_pid)
+    except PermissionError:
+        raise MigrationError("--verify reads both QEMUs' memory through /proc: run it as root") from None
+    except (LookupError, ValueError, OSError) as exc:
+        raise MigrationError(f"--verify could not compare the QEMUs' memory: {exc}") from None
+    if pages:
+        shown = ", ".join(hex(p) for p in pages[:8]) + (", ..." if len(pages) > 8 else "")
+        raise MigrationError(f"--verify: {len(pages)} page(s) of guest memory differ between the QEMUs "
+                             f"at the switch-over (at {shown}): the migration lost stores")
+    return size
 
 
 def _reason(exc: BaseException) -> str:
