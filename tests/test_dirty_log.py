@@ -642,9 +642,10 @@ def test_switch_frames_mark_exactly_rx_buffers_and_used_rings(kind, rx_buffer):
 def test_a_guest_reading_its_disk_through_a_migration_reads_it_right(daemon, guest_image, tmp_path):
     """A TCG guest reads its whole disk into its page cache (blk's reads into guest memory),
     then checksums that cache half a second later, over and over, while `alacrity vm migrate`
-    moves it four times: QEMU 7.2 migrates it (it refuses without LOG_ALL), and every
-    checksum is the disk's. A page blk filled after QEMU had copied it would reach the new
-    QEMU stale without its mark (this fails with buffer writes left unmarked)."""
+    moves it four times: QEMU 7.2 migrates it (it refuses without LOG_ALL), every checksum is
+    the disk's, and at each switch-over the two QEMUs' guest memory is equal (--verify). A
+    page blk filled after QEMU had copied it would reach the new QEMU stale without its mark
+    (this fails with buffer writes left unmarked)."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(os.urandom(4 << 20))
     want = hashlib.md5(disk.read_bytes()).hexdigest()  # noqa: S324 - busybox's sum
@@ -676,9 +677,10 @@ def test_a_guest_reading_its_disk_through_a_migration_reads_it_right(daemon, gue
     try:
         for _ in range(4):
             checked.update(sums_past(max(checked, default=0) + 1))
-            out = subprocess.run([*cli, "vm", "migrate", "vm1"], env=daemon.env, capture_output=True,
-                                 text=True, timeout=300)
-            assert out.returncode == 0 and "migrated vm1" in out.stdout, out.stderr
+            # --verify: at the switch-over both QEMUs' memory is equal, every page of it.
+            out = subprocess.run([*cli, "vm", "migrate", "vm1", "--verify"], env=daemon.env,
+                                 capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0 and "guest memory verified" in out.stdout, out.stderr
         checked.update(sums_past(max(checked) + 1))  # the sums across the last move are in
         wrong = sorted(i for i, s in checked.items() if s != want)
         assert not wrong, f"sums {wrong} of {len(checked)} wrong: pages reached the new QEMU stale"
