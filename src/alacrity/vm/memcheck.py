@@ -9,6 +9,7 @@ own dirty tracking). The memory is read through each QEMU's memory backend, the 
 from __future__ import annotations
 
 import os
+import stat
 
 #: How QEMU names the memfd of a memory-backend-memfd object (what /proc/PID/fd shows).
 MEMFD_LINK = "/memfd:memory-backend-memfd"
@@ -26,7 +27,10 @@ def guest_memory_fd(pid: int) -> int:
         except OSError:
             continue  # closed meanwhile
         if target.startswith(MEMFD_LINK + " ") or target == MEMFD_LINK:
-            return os.open(f"{fd_dir}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(f"{fd_dir}/{name}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            if stat.S_ISREG(os.fstat(fd).st_mode):  # a memfd is; nothing that could block a read
+                return fd
+            os.close(fd)
     raise LookupError(f"process {pid} holds no {MEMFD_LINK} (not a QEMU started by 'vm run')")
 
 
