@@ -123,10 +123,10 @@ def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s
     did not move (the source then runs on). `verify` (here only): compare both QEMUs' guest
     memory at the switch-over, refuse the move if a page differs, else call `verify` with
     the bytes compared."""
+    if to is not None and verify is not None:
+        raise MigrationError("--verify compares the two QEMUs' memory on one host: drop it with --to")
     source = source_of(name)
     if to is not None:
-        if verify is not None:
-            raise MigrationError("--verify compares the two QEMUs' memory on one host: not with --to")
         return _migrate_away(source, to, token, max_downtime_s, on_progress, time.monotonic() + timeout_s)
     home = Path(source.dir)
     spec = spec_from_fields(source.spec or {})
@@ -180,7 +180,10 @@ def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s
 def _verify_memory(source: VmRecord, dest: VM) -> int:
     """Both QEMUs hold the VM paused, the source having sent it all: their guest memory
     must be equal (vm/memcheck.py). The bytes compared; MigrationError if a page differs."""
-    source_pid = jail.jailed_pid(source.pid) if source.jail_uid is not None else source.pid
+    # The record's pid is the source's only while its start time still matches (is_alive).
+    source_pid = None
+    if is_alive(source):
+        source_pid = jail.jailed_pid(source.pid) if source.jail_uid is not None else source.pid
     dest_pid = dest.qemu_pid()
     if source_pid is None or dest_pid is None:
         raise MigrationError("--verify: a QEMU went away before its memory was compared")
