@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from alacrity import ids  # noqa: E402
 from alacrity.devices import Slot  # noqa: E402
 from alacrity.devices.switch import SwitchDevice  # noqa: E402
-from alacrity.switch.coalesce import COALESCE_US  # noqa: E402
+from alacrity.switch.coalesce import COALESCE_US, TX_DEFER_US  # noqa: E402
 from alacrity.switch.launcher import SwitchProcess  # noqa: E402
 from alacrity.switch.process import LOOP_ENV  # noqa: E402
 from alacrity.virtio.net import local_mac  # noqa: E402
@@ -191,14 +191,16 @@ class SwitchRig:
     """Our switch process, fed every connection made to its per-VM sockets."""
 
     def __init__(self, c: Cleanup, poll_us: float | None = None, adaptive_poll: bool | None = None,
-                 coalesce_us: float = COALESCE_US, python_loop: bool = False) -> None:
+                 coalesce_us: float = COALESCE_US, python_loop: bool = False,
+                 tx_defer_us: float = TX_DEFER_US) -> None:
         saved = os.environ.get(LOOP_ENV)
         if python_loop:  # the switch process inherits it
             os.environ[LOOP_ENV] = "python"
         try:
             with open(c.root / "switch.log", "ab") as log:
                 self.switch = SwitchProcess("bench", log_file=log, poll_us=poll_us,
-                                            adaptive_poll=adaptive_poll, coalesce_us=coalesce_us)
+                                            adaptive_poll=adaptive_poll, coalesce_us=coalesce_us,
+                                            tx_defer_us=tx_defer_us)
         finally:
             if saved is None:
                 os.environ.pop(LOOP_ENV, None)
@@ -298,6 +300,9 @@ def main() -> int:
     parser.add_argument("--also-coalesce-us", type=float, action="append", default=[],
                         help="also run a switch that holds interrupts up to this long (coalescing; "
                              "repeat for several), alternating with the others")
+    parser.add_argument("--also-tx-defer-us", type=float, action="append", default=[],
+                        help="also run a switch whose TX interrupt decisions wait up to this long "
+                             f"(ours: {TX_DEFER_US:g}; 0: decided at once; repeat for several), alternating")
     parser.add_argument("--also-python-loop", action="store_true",
                         help="also run a switch whose loop stays in Python (the reference) instead of "
                              "the C wake-up loop, alternating with the others")
@@ -307,7 +312,8 @@ def main() -> int:
     image = default_image(progress=False)
     spin = f"ours-spin{args.also_poll_us:g}" if args.also_poll_us is not None else None
     held = {f"ours-coalesce{us:g}": us for us in args.also_coalesce_us}
-    kinds = (["ours", "bridge"] + ([spin] if spin else []) + list(held)
+    deferred = {f"ours-txdefer{us:g}": us for us in args.also_tx_defer_us}
+    kinds = (["ours", "bridge"] + ([spin] if spin else []) + list(held) + list(deferred)
              + (["ours-pyloop"] if args.also_python_loop else []) + (["ours-jailed"] if args.jailed else []))
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     with Cleanup(prefix="alacrity-vmnet-") as c:
@@ -322,6 +328,8 @@ def main() -> int:
                 rig = SwitchRig(c, args.also_poll_us, False)
             elif kind == "ours-pyloop":
                 rig = SwitchRig(c, args.poll_us, args.adaptive_poll, python_loop=True)
+            elif kind in deferred:
+                rig = SwitchRig(c, args.poll_us, args.adaptive_poll, tx_defer_us=deferred[kind])
             else:
                 rig = SwitchRig(c, args.poll_us, args.adaptive_poll, held.get(kind, COALESCE_US))
             rigs[kind] = rig

@@ -9,7 +9,9 @@ import subprocess
 
 import pytest
 
+from alacrity.vm import migrate
 from alacrity.vm.memcheck import CHUNK, MEMFD_LINK, PAGE, compare_guests, differing_pages, guest_memory_fd
+from alacrity.vm.runtime import VmRecord, proc_start_time
 
 SIZE = 3 * CHUNK + 5 * PAGE  # a tail shorter than a chunk
 
@@ -78,3 +80,36 @@ def test_a_process_without_guest_memory_is_refused() -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to take another user's identity")
+def test_verify_by_another_user_is_refused_before_the_move_starts() -> None:
+    """A user who may not look into the QEMU's fds (here: nobody, against a root process)
+    is told so by `vm migrate --verify` at once, not after the whole move."""
+    ours = memory(MEMFD_LINK.removeprefix("/memfd:"))
+    source = VmRecord(name="vm1", pid=os.getpid(), start_time=proc_start_time(os.getpid()), qmp="",
+                      started=0.0, cmdline=[], console="", dir="")
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through its exit status
+        status = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                guest_memory_fd(source.pid)
+            except PermissionError:
+                try:
+                    migrate._check_memory_readable(source)
+                except migrate.MigrationError as exc:
+                    status = 0 if "run it as root" in str(exc) else 3
+            else:
+                status = 2
+        finally:
+            os._exit(status)
+    try:
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "nobody read root's memory or was not told why"
+        os.close(guest_memory_fd(source.pid))  # root may
+        migrate._check_memory_readable(source)
+    finally:
+        os.close(ours)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from alacrity.client.net import NetDriver
 from alacrity.switch.engine import Engine
 from alacrity.switch.fdb import Fdb
-from alacrity.switch.port import Port
+from alacrity.switch.port import TX, Port
 from alacrity.vhost_user.memory import Region
 from alacrity.virtio import net as vn
 from alacrity.virtio.device_queue import DeviceQueue
@@ -207,6 +207,73 @@ def test_signals_once_per_batch():
     assert engine.poll_once() == 20
     assert a.signals.count(0) == 1  # one RX interrupt for the batch of 20
     assert len(a.received()) == 20
+
+
+def deferring(defer_s: float = 0.001) -> tuple[Engine, Host, Host, Clock]:
+    """Two hosts on 16-entry rings that know each other, B asking for TX interrupts, and
+    TX interrupt decisions deferred up to `defer_s`."""
+    engine, (a, b), clock = make(2, queue_size=16)
+    a.send(b.mac)
+    b.send(a.mac)
+    engine.poll_once()
+    a.received()
+    b.received()
+    engine.tx_defer_s = defer_s
+    b.driver.txq.enable_interrupts()
+    b.signals.clear()
+    return engine, a, b, clock
+
+
+def test_a_tx_interrupt_decision_waits_its_bound_and_is_then_taken():
+    """A sender's TX interrupt is decided tx_defer_s after its frame went, not at once; the
+    driver did not collect its buffer meanwhile, so it gets the interrupt it asked for."""
+    engine, a, b, clock = deferring()
+    b.send(a.mac, b"one")
+    engine.poll_once()
+    assert b.signals == [] and engine.next_decision() == pytest.approx(clock.now + 0.001)
+    clock.now += 0.0009
+    engine.poll_once()
+    assert b.signals == []
+    clock.now += 0.0002
+    engine.poll_once()
+    assert b.signals == [TX] and engine.next_decision() is None
+    assert engine.tx_decisions() == (1, 0)
+    assert a.received() == [frame(a.mac, b.mac, b"one")]
+
+
+def test_a_sender_that_collected_its_buffers_needs_no_tx_interrupt():
+    """The driver took its completed buffer back by itself (as Linux does when it sends the
+    next frame) and asked for an interrupt only past it: the deferred decision finds none due."""
+    engine, a, b, clock = deferring()
+    b.send(a.mac, b"one")
+    engine.poll_once()
+    b.driver.reap_tx()
+    b.driver.txq.enable_interrupts()  # used_event moves past what it took
+    clock.now += 0.0011
+    engine.poll_once()
+    assert b.signals == [] and engine.tx_decisions() == (1, 1)
+
+
+def test_a_quarter_of_the_tx_ring_waiting_is_decided_at_once():
+    """However short the wait, a driver never lacks a quarter of its TX ring because of it."""
+    engine, a, b, clock = deferring(defer_s=0.01)
+    for i in range(3):
+        b.send(a.mac, bytes([i]))
+    engine.poll_once()
+    assert b.signals == []
+    b.send(a.mac, b"fourth")  # 4 of 16 waiting to be reported
+    engine.poll_once()
+    assert b.signals == [TX] and engine.next_decision() is None
+
+
+def test_a_gone_port_takes_its_deferred_decision_with_it():
+    engine, a, b, clock = deferring()
+    b.send(a.mac)
+    engine.poll_once()
+    engine.remove_port(b.port.id)
+    clock.now += 0.0011
+    engine.poll_once()
+    assert b.signals == [] and engine.next_decision() is None
 
 
 def test_mergeable_buffers_spread_a_frame_and_count_them():

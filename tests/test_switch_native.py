@@ -333,11 +333,12 @@ EVIL_RX = ["avail-jump", "addr", "head", "loop"]
 
 class World:
     def __init__(self, kind: type[Engine], configs: list[str], batch: int, max_entries: int,
-                 coalesce: Bounds | None = None) -> None:
+                 coalesce: Bounds | None = None, tx_defer_s: float = 0.0) -> None:
         self.clock = Clock()
         self.engine = kind(Fdb(ageing_s=10, max_entries=max_entries), batch=batch, clock=self.clock)
         if coalesce is not None:
             self.engine.coalescer.bounds = coalesce
+        self.engine.tx_defer_s = tx_defer_s
         self.hosts: list[Host] = []
         for i, name in enumerate(configs):
             cfg = dict(CONFIGS[name])
@@ -368,6 +369,7 @@ class World:
             "fdb": (list(e.fdb.table.items()), e.fdb.moves, e.fdb.evictions),
             "coalescing": (e.coalescer.held(), e.coalescer.held_total, e.coalescer.saved,
                            e.coalescer.useless),
+            "tx deferral": (e.tx_decisions(), e.next_decision()),
         }
 
 
@@ -660,6 +662,7 @@ NICE_OPS = st.lists(st.one_of(GOOD_SEND, GOOD_SEND, BURST, POLL, POLL, REAP, LOG
                     min_size=5, max_size=60)
 #: Coalescing as the differential test runs it: short bounds, so that ticks cross them.
 COALESCING = Bounds(delay_us=100, frames=3, quiet_us=1000)
+TX_DEFER_S = 100e-6  # the TX interrupt deferral, the same way (and a quarter of a 16-entry ring: 4)
 
 
 TSO_CONFIGS = ["tso", "tso", "tso", "tso-ecn", "tso-ecn", "tso4-rx", "tso-no-mrg", "tso-legacy", "ufo",
@@ -722,10 +725,11 @@ def assert_same(py: World, nat: World, step: int, op: tuple) -> None:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(configs=st.lists(st.sampled_from(sorted(CONFIGS)), min_size=2, max_size=4),
        batch=st.sampled_from([64, 64, 3]), max_entries=st.sampled_from([4096, 2]),
-       ops=st.one_of(OPS, NICE_OPS), coalesce=st.sampled_from([None, None, COALESCING]))
-def test_native_engine_matches_the_python_engine(configs, batch, max_entries, ops, coalesce):
-    py = World(Engine, configs, batch, max_entries, coalesce)
-    nat = World(NativeEngine, configs, batch, max_entries, coalesce)
+       ops=st.one_of(OPS, NICE_OPS), coalesce=st.sampled_from([None, None, COALESCING]),
+       tx_defer_s=st.sampled_from([0.0, TX_DEFER_S, TX_DEFER_S]))
+def test_native_engine_matches_the_python_engine(configs, batch, max_entries, ops, coalesce, tx_defer_s):
+    py = World(Engine, configs, batch, max_entries, coalesce, tx_defer_s)
+    nat = World(NativeEngine, configs, batch, max_entries, coalesce, tx_defer_s)
     assert_same(py, nat, 0, ("start",))
     for step, op in enumerate([*ops, ("poll",)], 1):
         assert apply(py, op) == apply(nat, op), f"step {step} {op}: results differ"
@@ -738,6 +742,8 @@ def test_native_engine_matches_the_python_engine(configs, batch, max_entries, op
     event(f"dirty log marked: {any(any(h.log.view) for h in nat.hosts)}")
     event(f"broken by the dirty log: {any('dirty log' in str(reason) for _, reason in nat.broken)}")
     event(f"interrupts held: {'0' if not e.coalescer.held_total else '1+'}")
+    deferred, unneeded = e.tx_decisions()
+    event(f"TX decisions deferred: {'0' if not deferred else '1+'}, unneeded: {bool(unneeded)}")
 
 
 @settings(max_examples=600, deadline=None,

@@ -24,7 +24,7 @@ from typing import Any
 from alacrity import ids
 from alacrity.devices.base import Attribute, Device, Handovers, Slot, chardev_socket, parse_text, qemu_device
 from alacrity.errors import AdminError
-from alacrity.switch.coalesce import COALESCE_FRAMES, COALESCE_US, Bounds
+from alacrity.switch.coalesce import COALESCE_FRAMES, COALESCE_US, TX_DEFER_US, Bounds
 from alacrity.switch.control import DEFAULT_PREFIX
 from alacrity.switch.launcher import SwitchProcess
 from alacrity.virtio.net import check_mac, local_mac
@@ -70,6 +70,10 @@ def _parse_coalesce_frames(text: str) -> int:
     return Bounds(frames=int(text)).frames
 
 
+def _parse_tx_defer_us(text: str) -> float:
+    return Bounds(tx_defer_us=float(text)).tx_defer_us
+
+
 def _parse_seconds(text: str) -> float:
     value = float(text)
     if not 1 <= value <= 86400:
@@ -98,6 +102,9 @@ class SwitchDevice(Device):
                   live=True),
         Attribute("coalesce_frames", _parse_coalesce_frames, str(COALESCE_FRAMES),
                   "...or until this many more frames reached that port's ring", live=True),
+        Attribute("tx_defer_us", _parse_tx_defer_us, str(TX_DEFER_US),
+                  "longest a port's TX interrupt waits for its driver to collect its sent buffers by "
+                  "itself (0: interrupt at once)", live=True),
     )
     virtio_id = 1
     client_driver = "alacrity.client.net:NetClient"
@@ -137,7 +144,7 @@ class SwitchDevice(Device):
             try:
                 process = SwitchProcess(self.name, mtu=v["mtu"], mac_prefix=v["mac_prefix"],
                                         ageing_s=v["learning_ageing_s"], coalesce_us=v["coalesce_us"],
-                                        coalesce_frames=v["coalesce_frames"])
+                                        coalesce_frames=v["coalesce_frames"], tx_defer_us=v["tx_defer_us"])
             except (OSError, ids.IdsExhausted) as exc:
                 raise AdminError(errno.EIO, f"switch {self.name}: cannot start its process: {exc}") from None
             self.process = process
@@ -278,7 +285,7 @@ class SwitchDevice(Device):
             process = self._running()
             if process is not None:
                 process.control.request({"op": "set", "ageing_s": self.values["learning_ageing_s"]})
-        elif name in ("coalesce_us", "coalesce_frames"):
+        elif name in ("coalesce_us", "coalesce_frames", "tx_defer_us"):
             process = self._running()
             if process is not None:
                 process.control.request({"op": "set", name: self.values[name]})

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 
-from alacrity.switch.coalesce import Bounds
+from alacrity.switch.coalesce import TX_DEFER_US, Bounds
 from alacrity.switch.engines import ENGINE_ENV, ENGINE_KINDS
 from alacrity.switch.process import DEFAULT_PREFIX, POLL_BUDGET_S, Switch
 from alacrity.vhost_user import eventfd, sigbus
@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="...or until this many more frames reached that ring (default 32)")
     parser.add_argument("--coalesce-quiet-us", type=float, default=500.0,
                         help="an interrupt asked for this long after the last is sent at once (default 500)")
+    parser.add_argument("--tx-defer-us", type=float, default=TX_DEFER_US,
+                        help="let a port's TX interrupt wait up to this long for its driver to collect "
+                             f"its sent buffers by itself (default {TX_DEFER_US:g}; 0: interrupt at once)")
     parser.add_argument("--nice", type=int, default=NICE,
                         help="scheduling priority, set before dropping privileges (default 0: the "
                              "parent's; -5 put the switch ahead of busy QEMUs in one measured run)")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                         offloads=args.offloads, poll_budget_s=args.poll_us * 1e-6, engine=args.engine,
                         adaptive_poll=args.adaptive_poll,
                         coalesce=Bounds(delay_us=args.coalesce_us, frames=args.coalesce_frames,
-                                        quiet_us=args.coalesce_quiet_us))
+                                        quiet_us=args.coalesce_quiet_us, tx_defer_us=args.tx_defer_us))
     except ValueError as exc:
         parser.error(str(exc))
     sigbus.install()  # before dropping privileges: the build cache may be root's

@@ -161,6 +161,11 @@ class Engine:
         self._soft_frames: list | Unsegmentable | None = None
         self.announced: list[tuple[int, bytes]] = []  # (port id, frame): `announce`
         self.coalescer = Coalescer(Bounds())  # off until the switch sets its bounds
+        # TX interrupt decisions deferred (`_defer_or_notify`): port -> when. 0 s: never.
+        self.tx_defer_s = 0.0
+        self._tx_deferred: dict[Port, float] = {}
+        self.tx_deferred = 0  # decisions deferred, ever
+        self.tx_unneeded = 0  # ...that then needed no interrupt
 
     # -- ports
     def add_port(self, port: Port) -> None:
@@ -174,6 +179,7 @@ class Engine:
         self.fdb.forget_port(port_id)
         if port is not None:
             self.coalescer.forget(port)
+            self._tx_deferred.pop(port, None)
         return port
 
     def _break(self, port: Port, reason: str) -> None:
@@ -192,6 +198,47 @@ class Engine:
             if queue is not None and self.coalescer.hold(port, index, queue, self.clock()):
                 return
         self._interrupt(port, index)
+
+    def _defer_or_notify(self, port: Port, index: int, queue: DeviceQueue, now: float) -> None:
+        """Chains of `port`'s ring `index` were used this batch: signal it if its driver asks
+        (EVENT_IDX). For a TX ring that decision waits, up to `tx_defer_s`, or until a quarter
+        of the ring waits to be reported (`_decide_deferred`): a sender's driver collects its
+        sent buffers by itself whenever it sends or takes an interrupt for a frame it receives
+        (Linux's virtio-net does both), and then asks for no interrupt; taken at once, the
+        decision would interrupt it for nearly every frame it sends."""
+        if index == TX and self.tx_defer_s > 0:
+            if queue.used_idx != queue.signalled_used and port not in self._tx_deferred:
+                self._tx_deferred[port] = now
+                self.tx_deferred += 1
+            return
+        if queue.needs_notify():
+            self._signal(port, index)
+
+    def _decide_deferred(self, now: float) -> None:
+        """Take the deferred TX decisions that are due, in the order of the ports."""
+        for port in [port for port in self.ports.values() if port in self._tx_deferred]:
+            queue = port.tx
+            if port.broken is not None or queue is None:
+                del self._tx_deferred[port]
+                continue
+            waiting = (queue.used_idx - queue.signalled_used) & 0xFFFF
+            if now - self._tx_deferred[port] < self.tx_defer_s and waiting < queue.size // 4:
+                continue
+            del self._tx_deferred[port]
+            if waiting and queue.needs_notify():
+                self._signal(port, TX)
+            else:
+                self.tx_unneeded += 1
+
+    def next_decision(self) -> float | None:
+        """When the next deferred TX decision is due at the latest (None: none is deferred)."""
+        if not self._tx_deferred:
+            return None
+        return min(self._tx_deferred.values()) + self.tx_defer_s
+
+    def tx_decisions(self) -> tuple[int, int]:
+        """(TX interrupt decisions deferred, of which needed no interrupt), ever."""
+        return self.tx_deferred, self.tx_unneeded
 
     def release_held(self) -> None:
         """Send the held interrupts that are due; both engines call it after each batch."""
@@ -250,8 +297,10 @@ class Engine:
                 if tap.broken is None:
                     work += self._drain_tap(tap, now, touched)
         for (port, index), queue in touched.items():
-            if port.broken is None and queue.needs_notify():
-                self._signal(port, index)
+            if port.broken is None:
+                self._defer_or_notify(port, index, queue, now)
+        if self._tx_deferred:
+            self._decide_deferred(now)
         self.release_held()
         if work:
             self.batches += 1

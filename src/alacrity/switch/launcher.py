@@ -15,7 +15,7 @@ import time
 from typing import IO
 
 from alacrity import ids
-from alacrity.switch.coalesce import COALESCE_FRAMES, COALESCE_US
+from alacrity.switch.coalesce import COALESCE_FRAMES, COALESCE_US, TX_DEFER_US
 from alacrity.switch.control import DEFAULT_PREFIX, Control
 
 log = logging.getLogger("alacrity.switch")
@@ -29,14 +29,15 @@ class SwitchProcess:
                  ageing_s: float = 300.0, offloads: bool = True, log_file: IO[bytes] | None = None,
                  timeout: float = 5.0, poll_us: float | None = None,
                  adaptive_poll: bool | None = None, coalesce_us: float = COALESCE_US,
-                 coalesce_frames: int = COALESCE_FRAMES) -> None:
+                 coalesce_frames: int = COALESCE_FRAMES, tx_defer_us: float = TX_DEFER_US) -> None:
         self.id_range = ids.unprivileged
         self.uid: int | None = self.id_range.lease()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "alacrity.switch", "--control-fd", str(theirs.fileno()),
                 "--uid", str(self.uid), "--mtu", str(mtu), "--mac-prefix", mac_prefix,
                 "--ageing", str(ageing_s), "--offloads" if offloads else "--no-offloads",
-                "--coalesce-us", str(coalesce_us), "--coalesce-frames", str(coalesce_frames)]
+                "--coalesce-us", str(coalesce_us), "--coalesce-frames", str(coalesce_frames),
+                "--tx-defer-us", str(tx_defer_us)]
         if poll_us is not None:  # else the switch's own default (benchmarks try others)
             argv += ["--poll-us", str(poll_us)]
         if adaptive_poll is not None:

@@ -9,7 +9,8 @@ every reply echoes the request's `seq`:
   an already-accepted vhost-user connection, which becomes a port. Reply
   `{"ok": true, "port": ID, "mac": "..."}`.
 - `{"op": "add_uplink", "label": L}` with one fd: a tap opened by the daemon (IFF_VNET_HDR).
-- `{"op": "remove_uplink"}`, `{"op": "set", "ageing_s": S, "coalesce_us": U, "coalesce_frames": N}`,
+- `{"op": "remove_uplink"}`,
+  `{"op": "set", "ageing_s": S, "coalesce_us": U, "coalesce_frames": N, "tx_defer_us": D}`,
   `{"op": "remove_port", "port": ID}`,
   `{"op": "stats"}` (ports, fdb, stats), `{"op": "quit"}`.
 With `--control-fd`, the daemon's end closing means the daemon is gone: the switch exits.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -78,8 +80,7 @@ class Switch:
         self.poll_s = poll_budget_s  # what it spins now (adapted, see `_adapt_poll`)
         # native (C fast path, built and loaded here: before the caller drops privileges) or python
         self.engine = make_engine(Fdb(ageing_s=ageing_s), batch=batch, kind=engine)
-        if coalesce is not None:
-            self.engine.coalescer.bounds = coalesce
+        self.set_bounds(coalesce or Bounds())
         self.ports: dict[int, VhostPort] = {}
         self.uplink: TapPort | None = None
         self.next_id = 1
@@ -209,7 +210,8 @@ class Switch:
         if self._arm():
             return
         self.sleeps += 1
-        self._service_io(1000)
+        decision = engine.next_decision()  # a deferred TX decision: wake for it
+        self._service_io(1000 if decision is None else min(1000, max(1, math.ceil((decision - now) * 1e3))))
         self._disarm()
         now = time.monotonic()
         if self.adaptive_poll:
@@ -414,11 +416,12 @@ class Switch:
         if op == "set":
             if "ageing_s" in request:
                 self.engine.fdb.ageing_s = float(request["ageing_s"])
-            if "coalesce_us" in request or "coalesce_frames" in request:
+            if {"coalesce_us", "coalesce_frames", "tx_defer_us"} & request.keys():
                 bounds = self.engine.coalescer.bounds
-                self.engine.coalescer.bounds = replace(
+                self.set_bounds(replace(
                     bounds, delay_us=float(request.get("coalesce_us", bounds.delay_us)),
-                    frames=int(request.get("coalesce_frames", bounds.frames)))
+                    frames=int(request.get("coalesce_frames", bounds.frames)),
+                    tx_defer_us=float(request.get("tx_defer_us", bounds.tx_defer_us))))
             return {"ok": True}
         if op == "remove_port":
             port = self.ports.get(int(request["port"]))
@@ -432,6 +435,11 @@ class Switch:
             self.stopping = True
             return {"ok": True}
         raise ValueError(f"unknown op {op!r}")
+
+    def set_bounds(self, bounds: Bounds) -> None:
+        """Interrupt coalescing and the TX interrupt deferral (coalesce.py Bounds)."""
+        self.engine.coalescer.bounds = bounds
+        self.engine.tx_defer_s = bounds.tx_defer_us * 1e-6
 
     def stats(self) -> dict:
         now = time.monotonic()
@@ -453,12 +461,14 @@ class Switch:
             up = self.uplink
             ports.append({"port": up.id, "label": up.label, "mac": "", "peer_pid": 0, "running": True,
                           "uplink": True, "learned": learned.get(up.id, []), **up.counters()})
+        deferred, unneeded = self.engine.tx_decisions()
         stats = {"ports": len(self.ports), "fdb_entries": len(fdb), "floods": self.engine.floods,
                  "batches": self.engine.batches, "sleeps": self.sleeps, "wakeups": self.wakeups,
                  "poll_us": round(self.poll_s * 1e6, 1), "native_loop_runs": self.native_runs,
                  "interrupts_held": self.engine.coalescer.held_total,
                  "interrupts_saved": self.engine.coalescer.saved,
                  "interrupts_held_uselessly": self.engine.coalescer.useless,
+                 "tx_decisions_deferred": deferred, "tx_interrupts_unneeded": unneeded,
                  "fdb_evictions": self.engine.fdb.evictions, "engine": self.engine.kind}
         return {"ports": ports, "fdb": fdb, "stats": stats, "removed": list(self.removed)}
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import os
 import secrets
 import shutil
 import socket
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import jail
-from .memcheck import compare_guests
+from .memcheck import compare_guests, guest_memory_fd
 from .qemu import VM, VmSpec, chardev_sockets, spec_from_fields
 from .qmp import QmpClient, QmpError
 from .runtime import VmError, VmRecord, find_vm, is_alive, kill_group, write_record
@@ -126,6 +127,8 @@ def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s
     if to is not None and verify is not None:
         raise MigrationError("--verify compares the two QEMUs' memory on one host: drop it with --to")
     source = source_of(name)
+    if verify is not None:
+        _check_memory_readable(source)
     if to is not None:
         return _migrate_away(source, to, token, max_downtime_s, on_progress, time.monotonic() + timeout_s)
     home = Path(source.dir)
@@ -177,20 +180,41 @@ def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s
     return _promote(source, dest)
 
 
+_NOT_READABLE = ("--verify reads the QEMUs' memory through /proc: run it as root (or as the user "
+                 "its QEMU runs as)")
+
+
+def _source_pid(source: VmRecord) -> int | None:
+    # The record's pid is the source's only while its start time still matches (is_alive).
+    if not is_alive(source):
+        return None
+    return jail.jailed_pid(source.pid) if source.jail_uid is not None else source.pid
+
+
+def _check_memory_readable(source: VmRecord) -> None:
+    """Refuse --verify before anything starts if the source's memory cannot be read (the
+    destination QEMU runs as the same user), rather than after the whole move."""
+    pid = _source_pid(source)
+    if pid is None:
+        raise MigrationError(f"VM {source.name!r} stopped")
+    try:
+        os.close(guest_memory_fd(pid))
+    except PermissionError:
+        raise MigrationError(_NOT_READABLE) from None
+    except (LookupError, OSError) as exc:
+        raise MigrationError(f"--verify cannot read the VM's memory: {exc}") from None
+
+
 def _verify_memory(source: VmRecord, dest: VM) -> int:
     """Both QEMUs hold the VM paused, the source having sent it all: their guest memory
     must be equal (vm/memcheck.py). The bytes compared; MigrationError if a page differs."""
-    # The record's pid is the source's only while its start time still matches (is_alive).
-    source_pid = None
-    if is_alive(source):
-        source_pid = jail.jailed_pid(source.pid) if source.jail_uid is not None else source.pid
-    dest_pid = dest.qemu_pid()
+    source_pid, dest_pid = _source_pid(source), dest.qemu_pid()
     if source_pid is None or dest_pid is None:
         raise MigrationError("--verify: a QEMU went away before its memory was compared")
     try:
         size, pages = compare_guests(source_pid, dest_pid)
     except PermissionError:
-        raise MigrationError("--verify reads both QEMUs' memory through /proc: run it as root") from None
+        raise MigrationError(_NOT_READABLE) from None
     except (LookupError, ValueError, OSError) as exc:
         raise MigrationError(f"--verify could not compare the QEMUs' memory: {exc}") from None
     if pages:

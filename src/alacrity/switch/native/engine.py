@@ -424,6 +424,7 @@ class NativeEngine(Engine):
     def poll_once(self) -> int:
         now = self.clock()
         c, lib = self._c, self._lib
+        c.tx_defer = self.tx_defer_s
         lib.sw_begin(c, now)
         self._break_damaged()
         self._refresh()
@@ -463,15 +464,17 @@ class NativeEngine(Engine):
         n = lib.sw_finish(c, signals, self._out)
         if c.nout > 1 or self._out[0]:
             self._apply(c.nout)
-        self._deliver_signals(signals, 0, n)
+        self._deliver_signals(signals, 0, n, now)
+        if self._tx_deferred:
+            self._decide_deferred(now)
         self.release_held()
         if work:
             self.batches += 1
         return work
 
-    def _deliver_signals(self, signals, start: int, end: int) -> None:
+    def _deliver_signals(self, signals, start: int, end: int, now: float) -> None:
         """Signal what sw_notify found in signals[start:end]: a ring C has, or (negative) one
-        that Python decides."""
+        that Python decides (its TX decision deferred as C defers its own)."""
         order = self._order
         for k in range(start, end):
             entry = signals[k]
@@ -481,15 +484,24 @@ class NativeEngine(Engine):
                 entry = -1 - entry
                 slot = order[entry >> 1]
                 queue = slot.txq if entry & 1 else slot.rxq
-                if slot.port.broken is None and queue is not None and queue.needs_notify():
-                    self._signal(slot.port, entry & 1)
+                if slot.port.broken is None and queue is not None:
+                    self._defer_or_notify(slot.port, entry & 1, queue, now)
+
+    def next_decision(self) -> float | None:
+        ours, theirs = super().next_decision(), self._lib.sw_next_decision(self._c)  # theirs -1: none
+        return min([t for t in (ours, theirs) if t is not None and t >= 0], default=None)
+
+    def tx_decisions(self) -> tuple[int, int]:
+        """(TX interrupt decisions deferred, of which needed no interrupt), ever."""
+        return self.tx_deferred + self._c.tx_deferred, self.tx_unneeded + self._c.tx_unneeded
 
     # -- the wake-up loop (wakeup.c)
     def loop_ready(self) -> bool:
         """May `run_loop` serve the switch now? Only while every running ring is native and
         nothing needs Python between frames: no tap, no coalescing, no announcement, no dirty
         log, no broken port waiting to be taken."""
-        if self.announced or self.taps or self.broken or self.coalescer.bounds.on or self.coalescer.held():
+        if self.announced or self.taps or self.broken or self.coalescer.bounds.on or self.coalescer.held() \
+                or self._tx_deferred:  # (decisions C defers it takes itself)
             return False
         self._refresh()
         for slot in self._order:
@@ -520,6 +532,7 @@ class NativeEngine(Engine):
                 fd = slot.port.call_fd(ring)
                 w.calls[2 * slot.index + ring] = -1 if fd is None else fd
         w.batch = self.batch
+        self._c.tx_defer = self.tx_defer_s
         w.faults = loop.faults()
         w.faults_seen = self._faults_seen
         reason = lib.sw_run(self._c, w)
@@ -539,7 +552,7 @@ class NativeEngine(Engine):
             self._break(order[entry >> 1].port,
                         f"{'TX' if entry & 1 else 'RX'} call fd: {eventfd.write_error(w.failed_errno)}")
         if reason in (RUN_CALL, RUN_SIGNALS):
-            self._deliver_signals(w.signals, w.next_signal, w.nsignals)
+            self._deliver_signals(w.signals, w.next_signal, w.nsignals, self._c.now)
         return reason
 
     def _drain_native(self, slot: _Slot, port: Port, txq: DeviceQueue, now: float, done: int) -> int:

@@ -542,9 +542,32 @@ void sw_touch(struct sw_engine *e, int32_t index, int32_t ring)
     }
 }
 
-/* The end of poll_once: which touched rings to signal, in order (DeviceQueue.needs_notify for
- * the rings C has; out[k] = 2 * index + ring). A ring C does not have comes as -1 - that, for
- * Python to decide. */
+/* DeviceQueue.needs_notify: does the driver ask to be interrupted for what was used since
+ * the last decision? That decision is then taken. */
+static int needs_notify(struct sw_engine *e, struct sw_port *p, struct sw_queue *q)
+{
+    uint16_t old = q->signalled, now = q->used_idx;
+    q->signalled = now;
+    q->dirty = 1;
+    mark_dirty(e, p);
+    if (q->event_idx) {
+        uint16_t event = ld16(q->avail + 4 + 2 * (size_t)q->size);
+        return (uint16_t)(now - event - 1) < (uint16_t)(now - old);
+    }
+    return !(ld16(q->avail) & 1);
+}
+
+/* Engine._tx_decision_due: has port `p`'s deferred TX decision waited its bound, or does
+ * a quarter of its ring wait to be reported? */
+static int tx_decision_due(const struct sw_engine *e, const struct sw_port *p)
+{
+    uint16_t waiting = (uint16_t)(p->tx.used_idx - p->tx.signalled);
+    return e->now - p->tx_deferred_since >= e->tx_defer || waiting >= p->tx.size / 4;
+}
+
+/* The end of poll_once: which touched rings to signal, in order (Engine.poll_once: a ring C
+ * does not have comes as -1 - entry, for Python to decide); then the TX rings whose deferred
+ * decision is due (Engine._decide_deferred). out[k] = 2 * index + ring. */
 int32_t sw_notify(struct sw_engine *e, int32_t *out)
 {
     int32_t n = 0;
@@ -560,21 +583,47 @@ int32_t sw_notify(struct sw_engine *e, int32_t *out)
         }
         if (q->used_idx == q->signalled)
             continue;
-        uint16_t old = q->signalled, now = q->used_idx;
-        q->signalled = now;
-        q->dirty = 1;
-        mark_dirty(e, p);
-        int need;
-        if (q->event_idx) {
-            uint16_t event = ld16(q->avail + 4 + 2 * (size_t)q->size);
-            need = (uint16_t)(now - event - 1) < (uint16_t)(now - old);
-        } else {
-            need = !(ld16(q->avail) & 1);
+        if (entry % 2 && e->tx_defer > 0) {
+            if (!p->tx_deferring) {
+                p->tx_deferring = 1;
+                p->tx_deferred_since = e->now;
+                e->tx_deferred++;
+            }
+            continue;
         }
-        if (need)
+        if (needs_notify(e, p, q))
             out[n++] = entry;
     }
+    for (int32_t i = 0; i < e->nports; i++) {
+        struct sw_port *p = e->ports[i];
+        if (!p->tx_deferring)
+            continue;
+        if (p->broken || !p->tx.native) {
+            p->tx_deferring = 0;
+            continue;
+        }
+        if (!tx_decision_due(e, p))
+            continue;
+        p->tx_deferring = 0;
+        if (p->tx.used_idx != p->tx.signalled && needs_notify(e, p, &p->tx))
+            out[n++] = 2 * i + 1;
+        else
+            e->tx_unneeded++;
+    }
     return n;
+}
+
+/* When the next deferred TX decision is due at the latest (its deferral's start plus the
+ * bound), or -1 if none is deferred. */
+double sw_next_decision(struct sw_engine *e)
+{
+    double next = -1;
+    for (int32_t i = 0; i < e->nports; i++) {
+        struct sw_port *p = e->ports[i];
+        if (p->tx_deferring && (next < 0 || p->tx_deferred_since + e->tx_defer < next))
+            next = p->tx_deferred_since + e->tx_defer;
+    }
+    return next;
 }
 
 /* Sync out: for every port with changes, SW_REC values (see engine.py), cleared here; then

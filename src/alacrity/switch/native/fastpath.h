@@ -67,6 +67,9 @@ struct sw_port {
     uint64_t tx_packets;
     uint64_t tx_bytes;
     uint64_t tx_dropped;
+    double tx_deferred_since;   /* when its TX interrupt decision was deferred... */
+    uint32_t tx_deferring;      /* ...if it is */
+    uint32_t pad3;
 };
 
 struct sw_seg {
@@ -118,6 +121,9 @@ struct sw_engine {
     int32_t pdone;              /* sw_poll: with SW_PUNT, the chains of that port done before */
     int32_t nout;               /* sw_finish: the values it exported */
     int32_t pad;
+    double tx_defer;            /* seconds a TX interrupt decision may wait (Engine.tx_defer_s) */
+    uint64_t tx_deferred;       /* decisions deferred, ever (Engine.tx_deferred) */
+    uint64_t tx_unneeded;       /* ...that then needed no interrupt (Engine.tx_unneeded) */
 };
 
 /* Sync-out records (sw_export): SW_REC int64s per port with changes, then the floods. */
@@ -130,6 +136,7 @@ int32_t sw_poll(struct sw_engine *e, int32_t start, int32_t budget);
 int32_t sw_finish(struct sw_engine *e, int32_t *signals, int64_t *out);
 void sw_touch(struct sw_engine *e, int32_t index, int32_t ring);
 int32_t sw_notify(struct sw_engine *e, int32_t *out);
+double sw_next_decision(struct sw_engine *e);
 int32_t sw_export(struct sw_engine *e, int64_t *out);
 
 struct sw_fdb *sw_fdb_new(uint32_t max_entries, double ageing, uint64_t k0, uint64_t k1);

@@ -222,7 +222,13 @@ int32_t sw_run(struct sw_engine *e, struct sw_wait *w)
             continue;
         }
         w->sleeps++;
-        int n = poll(w->pfds, (nfds_t)w->nfds, w->timeout_ms);
+        int timeout_ms = w->timeout_ms;
+        double decision = sw_next_decision(e); /* a deferred TX decision: wake for it */
+        if (decision >= 0) {
+            double ms = (decision - (double)t / 1e9) * 1e3;
+            timeout_ms = ms < 1 ? 1 : ms < timeout_ms ? (int)ms + 1 : timeout_ms;
+        }
+        int n = poll(w->pfds, (nfds_t)w->nfds, timeout_ms);
         int err = errno;
         w->wakeups++;
         disarm(e);
@@ -234,8 +240,11 @@ int32_t sw_run(struct sw_engine *e, struct sw_wait *w)
             w->failed_errno = err;
             return err == EINTR ? SW_RUN_EINTR : SW_RUN_ERROR;
         }
-        if (n == 0)
+        if (n == 0) {
+            if (decision >= 0)
+                continue; /* the next poll takes it */
             return SW_RUN_TIMEOUT;
+        }
         for (int32_t k = 0; k < w->nkicks; k++) {
             short got = w->pfds[k].revents;
             if (!got)
