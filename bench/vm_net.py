@@ -192,7 +192,7 @@ class SwitchRig:
 
     def __init__(self, c: Cleanup, poll_us: float | None = None, adaptive_poll: bool | None = None,
                  coalesce_us: float = COALESCE_US, python_loop: bool = False,
-                 tx_defer_us: float = TX_DEFER_US) -> None:
+                 tx_defer_us: float = TX_DEFER_US, nice: int | None = None) -> None:
         saved = os.environ.get(LOOP_ENV)
         if python_loop:  # the switch process inherits it
             os.environ[LOOP_ENV] = "python"
@@ -200,7 +200,7 @@ class SwitchRig:
             with open(c.root / "switch.log", "ab") as log:
                 self.switch = SwitchProcess("bench", log_file=log, poll_us=poll_us,
                                             adaptive_poll=adaptive_poll, coalesce_us=coalesce_us,
-                                            tx_defer_us=tx_defer_us)
+                                            tx_defer_us=tx_defer_us, nice=nice)
         finally:
             if saved is None:
                 os.environ.pop(LOOP_ENV, None)
@@ -303,6 +303,9 @@ def main() -> int:
     parser.add_argument("--also-tx-defer-us", type=float, action="append", default=[],
                         help="also run a switch whose TX interrupt decisions wait up to this long "
                              f"(ours: {TX_DEFER_US:g}; 0: decided at once; repeat for several), alternating")
+    parser.add_argument("--also-nice", type=int, default=None,
+                        help="also run a switch at this scheduling priority (-5: ahead of the QEMUs), "
+                             "alternating with the others")
     parser.add_argument("--also-python-loop", action="store_true",
                         help="also run a switch whose loop stays in Python (the reference) instead of "
                              "the C wake-up loop, alternating with the others")
@@ -313,7 +316,8 @@ def main() -> int:
     spin = f"ours-spin{args.also_poll_us:g}" if args.also_poll_us is not None else None
     held = {f"ours-coalesce{us:g}": us for us in args.also_coalesce_us}
     deferred = {f"ours-txdefer{us:g}": us for us in args.also_tx_defer_us}
-    kinds = (["ours", "bridge"] + ([spin] if spin else []) + list(held) + list(deferred)
+    niced = f"ours-nice{args.also_nice}" if args.also_nice is not None else None
+    kinds = (["ours", "bridge"] + ([spin] if spin else []) + list(held) + list(deferred) + ([niced] if niced else [])
              + (["ours-pyloop"] if args.also_python_loop else []) + (["ours-jailed"] if args.jailed else []))
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     with Cleanup(prefix="alacrity-vmnet-") as c:
@@ -328,6 +332,8 @@ def main() -> int:
                 rig = SwitchRig(c, args.also_poll_us, False)
             elif kind == "ours-pyloop":
                 rig = SwitchRig(c, args.poll_us, args.adaptive_poll, python_loop=True)
+            elif kind == niced:
+                rig = SwitchRig(c, args.poll_us, args.adaptive_poll, nice=args.also_nice)
             elif kind in deferred:
                 rig = SwitchRig(c, args.poll_us, args.adaptive_poll, tx_defer_us=deferred[kind])
             else:

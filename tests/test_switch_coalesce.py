@@ -271,3 +271,15 @@ def test_coalescing_is_set_live_and_checked(coalescing: Rig):
     assert coalescing.ctl.stats()["stats"]["interrupts_held"] == 0
     with pytest.raises(RuntimeError, match="coalescing delay"):
         coalescing.ctl.request({"op": "set", "coalesce_us": -3})
+
+
+def test_tx_deferral_is_set_live_and_checked(coalescing: Rig):
+    a, b = coalescing.client(), coalescing.client()
+    exchange(a, b, 20)
+    deferred = coalescing.ctl.stats()["stats"]["tx_decisions_deferred"]
+    assert deferred > 0  # on by default
+    assert coalescing.ctl.request({"op": "set", "tx_defer_us": 0})["ok"]
+    exchange(a, b, 20)
+    assert coalescing.ctl.stats()["stats"]["tx_decisions_deferred"] == deferred
+    with pytest.raises(RuntimeError, match="TX interrupt deferral"):
+        coalescing.ctl.request({"op": "set", "tx_defer_us": 20000})

@@ -29,7 +29,8 @@ class SwitchProcess:
                  ageing_s: float = 300.0, offloads: bool = True, log_file: IO[bytes] | None = None,
                  timeout: float = 5.0, poll_us: float | None = None,
                  adaptive_poll: bool | None = None, coalesce_us: float = COALESCE_US,
-                 coalesce_frames: int = COALESCE_FRAMES, tx_defer_us: float = TX_DEFER_US) -> None:
+                 coalesce_frames: int = COALESCE_FRAMES, tx_defer_us: float = TX_DEFER_US,
+                 nice: int | None = None) -> None:
         self.id_range = ids.unprivileged
         self.uid: int | None = self.id_range.lease()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -42,6 +43,8 @@ class SwitchProcess:
             argv += ["--poll-us", str(poll_us)]
         if adaptive_poll is not None:
             argv.append("--adaptive-poll" if adaptive_poll else "--no-adaptive-poll")
+        if nice is not None:  # else the switch's own default (benchmarks try others)
+            argv += ["--nice", str(nice)]
         try:
             # Without `log_file`, its log lines go where the daemon's go.
             self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
