@@ -317,8 +317,9 @@ def main() -> int:
     held = {f"ours-coalesce{us:g}": us for us in args.also_coalesce_us}
     deferred = {f"ours-txdefer{us:g}": us for us in args.also_tx_defer_us}
     niced = f"ours-nice{args.also_nice}" if args.also_nice is not None else None
-    kinds = (["ours", "bridge"] + ([spin] if spin else []) + list(held) + list(deferred) + ([niced] if niced else [])
-             + (["ours-pyloop"] if args.also_python_loop else []) + (["ours-jailed"] if args.jailed else []))
+    kinds = (["ours", "bridge"] + ([spin] if spin else []) + list(held) + list(deferred)
+             + ([niced] if niced else []) + (["ours-pyloop"] if args.also_python_loop else [])
+             + (["ours-jailed"] if args.jailed else []))
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     with Cleanup(prefix="alacrity-vmnet-") as c:
         tag = str(os.getpid() % 10000)
