@@ -161,7 +161,7 @@ class Engine:
         self._soft_frames: list | Unsegmentable | None = None
         self.announced: list[tuple[int, bytes]] = []  # (port id, frame): `announce`
         self.coalescer = Coalescer(Bounds())  # off until the switch sets its bounds
-        # TX interrupt decisions deferred (`_defer_or_notify`): port -> when. 0 s: never.
+        # TX interrupt decisions deferred (`_defer_or_notify`): port -> since when; tx_defer_s 0: none are.
         self.tx_defer_s = 0.0
         self._tx_deferred: dict[Port, float] = {}
         self.tx_deferred = 0  # decisions deferred, ever

@@ -600,6 +600,13 @@ int32_t sw_notify(struct sw_engine *e, int32_t *out)
             continue;
         if (p->broken || !p->tx.native) {
             p->tx_deferring = 0;
+            if (!p->broken && !p->tx.native) {
+                /* a ring C no longer has: a new one (nothing waits on it), or the same that
+                 * Python now serves, which then decides (or defers) in C's stead */
+                e->tx_unneeded++;
+                if (!p->tx.touched) /* else it is in `out` already: at most one entry a ring */
+                    out[n++] = -1 - (2 * i + 1);
+            }
             continue;
         }
         if (!tx_decision_due(e, p))
