@@ -30,7 +30,7 @@ examples:
                                                          it prints the token to give host A)
   alacrity vm migrate web1 --to tcp:hostb:4444 --token TOKEN                   (on host A)
   alacrity vm migrate web1 --max-downtime 0.1
-  alacrity vm migrate web1 --verify      (root: check that every page of memory arrived)
+  alacrity vm migrate web1 --verify      (check that every page of memory arrived)
   alacrity vm migrate --cancel web1      (from another terminal)
 """
 
@@ -50,8 +50,8 @@ def add_parser(vm_sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--cancel", action="store_true", help="cancel NAME's migration in progress")
     parser.add_argument("--verify", action="store_true",
                         help="at the switch-over, while both QEMUs hold the VM paused, compare their guest "
-                        "memory page by page and keep the VM where it was if a page differs (root; this "
-                        "host only; adds 1-2 s of pause per GiB)")
+                        "memory page by page and keep the VM where it was if a page differs (root or the "
+                        "QEMU's user; this host only; adds 1-2 s of pause per GiB)")
 
 
 def run(args: argparse.Namespace) -> int:
