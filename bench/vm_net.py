@@ -18,6 +18,8 @@ virtio lines), and the host snapshots at each marker the CPU time of both QEMUs 
 switch, and the switch's port counters. From these:
 - CPU seconds per GB moved, per process (QEMU A, QEMU B, the switch; the bridge's own work
   is softirq time charged to the QEMU threads that write the taps), over both directions;
+- frames back per data frame, each direction (ACKs, from B's NIC counters: its frames
+  received over sent when it sends, sent over received when it receives);
 - notifications per frame, each direction: the interrupts guest B took per frame through
   its NIC (both contenders, measured the same way inside the guest), and for ours the
   switch's kicks per frame sent and interrupts per frame received, all ports together.
@@ -122,6 +124,10 @@ class Marks:
             frames = (g1[0] - g0[0]) + (g1[1] - g0[1])
             if frames:
                 out[f"guest_b_irq_per_frame_{direction}"] = (g1[2] - g0[2]) / frames
+            received, sent = g1[0] - g0[0], g1[1] - g0[1]
+            data, acks = (sent, received) if direction == "b_to_a" else (received, sent)
+            if data:
+                out[f"acks_per_data_frame_{direction}"] = acks / data
             if "ports" in s[w]:
                 p0, p1 = s[w]["ports"], s[w + 1]["ports"]
                 tx = p1["tx_packets"] - p0["tx_packets"]
@@ -375,7 +381,8 @@ def main() -> int:
         metrics.append((f"cpu_s_per_gb_{proc}", f"CPU s per GB, {proc.replace('_', ' ')}", "lower", 2))
     metrics.append(("cpu_s_per_gb_total", "CPU s per GB, all three", "lower", 2))
     for direction, label in (("b_to_a", "B->A"), ("a_to_b", "A->B")):
-        metrics += [(f"guest_b_irq_per_frame_{direction}", f"B's interrupts/frame, {label}", "lower", 3),
+        metrics += [(f"acks_per_data_frame_{direction}", f"frames back per frame, {label}", "lower", 3),
+                    (f"guest_b_irq_per_frame_{direction}", f"B's interrupts/frame, {label}", "lower", 3),
                     (f"kicks_per_tx_{direction}", f"switch kicks/frame sent, {label}", "lower", 3),
                     (f"irq_per_rx_{direction}", f"switch irqs/frame received, {label}", "lower", 3),
                     (f"frames_per_batch_{direction}", f"switch frames/batch, {label}", "-", 2),
