@@ -162,7 +162,7 @@ class Engine:
         self.announced: list[tuple[int, bytes]] = []  # (port id, frame): `announce`
         self.coalescer = Coalescer(Bounds())  # off until the switch sets its bounds
         # TX interrupt decisions deferred (`_defer_or_notify`): port -> since when; tx_defer_s 0: none are.
-        self.tx_defer_s = 0.0
+        self._tx_defer_s = 0.0
         self._tx_deferred: dict[Port, float] = {}
         self.tx_deferred = 0  # decisions deferred, ever
         self.tx_unneeded = 0  # ...that then needed no interrupt
@@ -199,6 +199,15 @@ class Engine:
                 return
         self._interrupt(port, index)
 
+    @property
+    def tx_defer_s(self) -> float:
+        """How long a TX ring's interrupt decision may wait, in seconds (0: decided at once)."""
+        return self._tx_defer_s
+
+    @tx_defer_s.setter
+    def tx_defer_s(self, seconds: float) -> None:
+        self._tx_defer_s = seconds
+
     def _defer_or_notify(self, port: Port, index: int, queue: DeviceQueue, now: float) -> None:
         """Chains of `port`'s ring `index` were used this batch: signal it if its driver asks
         (EVENT_IDX). For a TX ring that decision waits, up to `tx_defer_s`, or until a quarter
@@ -206,7 +215,7 @@ class Engine:
         sent buffers by itself whenever it sends or takes an interrupt for a frame it receives
         (Linux's virtio-net does both), and then asks for no interrupt; taken at once, the
         decision would interrupt it for nearly every frame it sends."""
-        if index == TX and self.tx_defer_s > 0:
+        if index == TX and self._tx_defer_s > 0:
             if queue.used_idx != queue.signalled_used and port not in self._tx_deferred:
                 self._tx_deferred[port] = now
                 self.tx_deferred += 1
@@ -222,7 +231,7 @@ class Engine:
                 del self._tx_deferred[port]
                 continue
             waiting = (queue.used_idx - queue.signalled_used) & 0xFFFF
-            if now - self._tx_deferred[port] < self.tx_defer_s and waiting < queue.size // 4:
+            if now - self._tx_deferred[port] < self._tx_defer_s and waiting < queue.size // 4:
                 continue
             del self._tx_deferred[port]
             if waiting and queue.needs_notify():
@@ -234,7 +243,7 @@ class Engine:
         """When the next deferred TX decision is due at the latest (None: none is deferred)."""
         if not self._tx_deferred:
             return None
-        return min(self._tx_deferred.values()) + self.tx_defer_s
+        return min(self._tx_deferred.values()) + self._tx_defer_s
 
     def tx_decisions(self) -> tuple[int, int]:
         """(TX interrupt decisions deferred, of which needed no interrupt), ever."""

@@ -180,15 +180,19 @@ def migrate(name: str, *, to: str | None = None, token: str = "", max_downtime_s
     return _promote(source, dest)
 
 
-_NOT_READABLE = ("--verify reads the QEMUs' memory through /proc: run it as root (or as the user "
-                 "its QEMU runs as)")
-
-
 def _source_pid(source: VmRecord) -> int | None:
     # The record's pid is the source's only while its start time still matches (is_alive).
     if not is_alive(source):
         return None
     return jail.jailed_pid(source.pid) if source.jail_uid is not None else source.pid
+
+
+def _unreadable(exc: Exception) -> MigrationError:
+    """Why --verify could not read a QEMU's memory (vm/memcheck.py's errors), in one line."""
+    if isinstance(exc, PermissionError):
+        return MigrationError("--verify reads the QEMUs' memory through /proc: run it as root (or as "
+                              "the user its QEMU runs as)")
+    return MigrationError(f"--verify could not compare the QEMUs' memory: {exc}")
 
 
 def _check_memory_readable(source: VmRecord) -> None:
@@ -199,10 +203,8 @@ def _check_memory_readable(source: VmRecord) -> None:
         raise MigrationError(f"VM {source.name!r} stopped")
     try:
         os.close(guest_memory_fd(pid))
-    except PermissionError:
-        raise MigrationError(_NOT_READABLE) from None
     except (LookupError, OSError) as exc:
-        raise MigrationError(f"--verify cannot read the VM's memory: {exc}") from None
+        raise _unreadable(exc) from None
 
 
 def _verify_memory(source: VmRecord, dest: VM) -> int:
@@ -213,10 +215,8 @@ def _verify_memory(source: VmRecord, dest: VM) -> int:
         raise MigrationError("--verify: a QEMU went away before its memory was compared")
     try:
         size, pages = compare_guests(source_pid, dest_pid)
-    except PermissionError:
-        raise MigrationError(_NOT_READABLE) from None
     except (LookupError, ValueError, OSError) as exc:
-        raise MigrationError(f"--verify could not compare the QEMUs' memory: {exc}") from None
+        raise _unreadable(exc) from None
     if pages:
         shown = ", ".join(hex(p) for p in pages[:8]) + (", ..." if len(pages) > 8 else "")
         raise MigrationError(f"--verify: {len(pages)} page(s) of guest memory differ between the QEMUs "

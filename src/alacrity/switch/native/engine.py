@@ -424,7 +424,6 @@ class NativeEngine(Engine):
     def poll_once(self) -> int:
         now = self.clock()
         c, lib = self._c, self._lib
-        c.tx_defer = self.tx_defer_s
         lib.sw_begin(c, now)
         self._break_damaged()
         self._refresh()
@@ -487,6 +486,10 @@ class NativeEngine(Engine):
                 if slot.port.broken is None and queue is not None:
                     self._defer_or_notify(slot.port, entry & 1, queue, now)
 
+    @Engine.tx_defer_s.setter
+    def tx_defer_s(self, seconds: float) -> None:
+        self._tx_defer_s = self._c.tx_defer = seconds  # C reads it at every decision, not we per poll
+
     def next_decision(self) -> float | None:
         ours, theirs = super().next_decision(), self._lib.sw_next_decision(self._c)  # theirs -1: none
         return min([t for t in (ours, theirs) if t is not None and t >= 0], default=None)
@@ -532,7 +535,6 @@ class NativeEngine(Engine):
                 fd = slot.port.call_fd(ring)
                 w.calls[2 * slot.index + ring] = -1 if fd is None else fd
         w.batch = self.batch
-        self._c.tx_defer = self.tx_defer_s
         w.faults = loop.faults()
         w.faults_seen = self._faults_seen
         reason = lib.sw_run(self._c, w)
